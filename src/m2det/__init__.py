@@ -1,0 +1,40 @@
+"""M2Det: a one-stage detector built on the Multi-Level Feature Pyramid Network, in PyTorch."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from torch import Tensor
+
+from m2det.config import ModelConfig, get_config, list_presets
+from m2det.models import M2Det, build_model, pyramid_sizes
+
+__version__ = "0.1.0"
+
+
+def anchors(name_or_config: Union[str, ModelConfig], input_size: Union[int, None] = None) -> Tensor:
+    """The anchors `[A, 4]` (cx, cy, w, h; normalised) of a preset or config, in the official order."""
+    from m2det.boxes.anchors import AnchorGenerator
+
+    config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    size = int(input_size or config.input_size)
+    return AnchorGenerator(config.anchors)(size, pyramid_sizes(config, size))
+
+
+def load_official(model: M2Det, path_or_state_dict, strict: bool = True):  # noqa: ANN001
+    """Load an official M2Det checkpoint (path or state dict) into `model`; see `m2det.io.official`."""
+    from m2det.io.official import load_official as _load
+
+    return _load(model, path_or_state_dict, strict=strict)
+
+
+__all__ = [
+    "M2Det",
+    "ModelConfig",
+    "anchors",
+    "build_model",
+    "get_config",
+    "list_presets",
+    "load_official",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Box machinery: anchors, SSD box coding, matching, the multibox loss and post-processing."""

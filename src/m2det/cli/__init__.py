@@ -1,0 +1,1 @@
+"""The `m2det` command line: one module per subcommand, assembled in `main`."""

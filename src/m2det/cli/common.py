@@ -1,0 +1,48 @@
+"""Helpers shared by the subcommands: turning expected errors into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Errors that carry a message meant for the user (bad file, bad field, bad argument).
+USER_ERRORS = (
+    FileNotFoundError,
+    ValueError,
+    KeyError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+def user_errors(func: F) -> F:
+    """Report expected errors as `error: ...` on stderr and exit 2, not as a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["mlfpn.planes=128", "num_classes=21"]` -> overrides for `get_config` (values read as YAML)."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. mlfpn.planes=128), got {pair!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides

@@ -1,0 +1,1 @@
+"""Data: data sets (COCO, Pascal VOC, YOLO, generated shapes), augmentation and loading."""

@@ -1,0 +1,1 @@
+"""Reading and writing files: weights, checkpoints, the official format."""

@@ -1,0 +1,93 @@
+"""Our model file: weights as safetensors with the model configuration in its metadata.
+
+One file rebuilds the model. Shared modules are stored once. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from m2det.config import ModelConfig
+from m2det.io.torchfile import atomic_path
+
+FORMAT = "m2det"
+
+
+def save_model(
+    model: torch.nn.Module, path: Union[str, Path], extra: Union[dict[str, Any], None] = None
+) -> Path:
+    """Write `model` (an M2Det) to `path` as safetensors + config, atomically."""
+    path = Path(path)
+    metadata = {"format": FORMAT, "config": model.config.to_json()}
+    if extra:
+        metadata["extra"] = json.dumps(extra)
+    unique = {names[0]: tensor.detach().cpu().contiguous() for names, tensor in _shared_groups(model)}
+    with atomic_path(path) as tmp:
+        save_file(unique, str(tmp), metadata=metadata)
+    return path
+
+
+def _shared_groups(model: torch.nn.Module) -> list[tuple[list[str], Tensor]]:
+    """State dict entries grouped by the tensor they name (shared modules name one tensor many times)."""
+    groups: dict[int, tuple[list[str], Tensor]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), ([], tensor))[0].append(name)
+    return list(groups.values())
+
+
+def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
+    """Load a file written by `save_model` into `model`, strictly, filling in shared names."""
+    stored = load_file(str(path))
+    state: dict[str, Tensor] = {}
+    for names, _ in _shared_groups(model):
+        found = [n for n in names if n in stored]
+        if found:
+            state.update({n: stored[found[0]] for n in names})
+    missing = sorted(k for k in model.state_dict() if k not in state)
+    own = set(model.state_dict())
+    unexpected = sorted(k for k in stored if k not in own)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def read_metadata(path: Union[str, Path]) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a safetensors file ({exc})") from None
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise ValueError(
+            f"{path}: a safetensors file without an m2det config; convert official .pth files with `m2det convert`"
+        )
+    return metadata
+
+
+def read_config(path: Union[str, Path]) -> ModelConfig:
+    return ModelConfig.from_dict(json.loads(read_metadata(path)["config"]))
+
+
+def load_model(
+    path: Union[str, Path], device: Union[str, torch.device] = "cpu", **overrides: Any
+) -> torch.nn.Module:
+    """Rebuild the model saved at `path` and load its weights (strict)."""
+    from m2det.models import build_model
+
+    config = read_config(path)
+    config.backbone.weights = None  # the file holds the trained backbone
+    model = build_model(config, **overrides)
+    load_weights(model, path)
+    return model.to(device)

@@ -1,0 +1,71 @@
+"""Safe loading of `.pth`/`.pt`/`.safetensors` weight files (never unpickles arbitrary objects)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+# Containers that training scripts commonly wrap a state dict in.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+
+
+def load_state_dict_file(path: Union[str, Path]) -> dict[str, Tensor]:
+    """A flat name -> tensor dict from a local file, loaded with `weights_only=True`.
+
+    A `module.` prefix left by DataParallel/DDP is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors come in many types
+            raise ValueError(
+                f"{path}: cannot be read as a weights-only PyTorch file ({type(exc).__name__}: {exc})"
+            ) from None
+    return as_state_dict(state, str(path))
+
+
+def as_state_dict(state: Any, where: str) -> dict[str, Tensor]:
+    """Unwrap common checkpoint containers and strip a `module.` prefix."""
+    if isinstance(state, dict):
+        for key in _WRAPPER_KEYS:
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{where}: expected a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+@contextmanager
+def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    A crash or an exception leaves any earlier file at `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()

@@ -1,0 +1,167 @@
+"""M2Det: backbone -> MLFPN -> SSD heads, with the torchvision-style detection interface on top."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m2det.boxes.anchors import AnchorGenerator, check_feature_sizes
+from m2det.boxes.coder import BoxCoder
+from m2det.config import ModelConfig, get_config, with_overrides
+from m2det.models.backbones import build_backbone, feature_sizes_fn
+from m2det.models.head import M2DetHead
+from m2det.models.mlfpn import MLFPN, BasicConv
+
+
+def pyramid_sizes(config: ModelConfig, input_size: Optional[int] = None) -> list[int]:
+    """Spatial size of each pyramid scale (largest first) for a square input, without running the net."""
+    size = int(input_size or config.input_size)
+    shallow, _ = feature_sizes_fn(config.backbone.name)(size)
+    sizes = MLFPN.scale_sizes(shallow, config.mlfpn.num_scales)
+    check_feature_sizes(sizes, size, config.name)
+    return sizes
+
+
+class M2Det(nn.Module):
+    """The M2Det detector.
+
+    * `forward_raw(x)`: a batch already in the official convention (BGR, minus the means, 0..255)
+      -> `(loc [N, A, 4], logits [N, A, C])` in the official anchor order.
+    * `forward(images, targets=None)`: torchvision style. `images` is a list of CHW RGB tensors
+      (float in [0, 1] or uint8); in training mode with targets (`boxes` xyxy pixels, `labels`
+      1..C-1) it returns the loss dict, in eval mode one dict per image with `boxes` in that
+      image's pixels, `scores` and `labels`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.backbone = build_backbone(config.backbone)
+        self.mlfpn = MLFPN(self.backbone.shallow_channels, self.backbone.deep_channels, config.mlfpn)
+        self.head = M2DetHead(
+            self.mlfpn.out_channels,
+            config.anchors.num_anchors_per_location,
+            config.num_classes,
+            config.mlfpn.num_scales,
+        )
+        self.anchor_generator = AnchorGenerator(config.anchors)
+        self.box_coder = BoxCoder(config.anchors.variances)
+        self.register_buffer(
+            "pixel_means", torch.tensor(config.pixel_means).view(1, 3, 1, 1), persistent=False
+        )
+        self.loss_fn: Any = None  # built on first use, see `compute_loss`
+        self.postprocessor: Any = None  # built on first use, see `postprocess`
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The official init for new layers: Kaiming-normal (fan_out) convs, BN 1/0, zero biases."""
+        for module in self.mlfpn.modules():
+            if isinstance(module, BasicConv):
+                nn.init.kaiming_normal_(module.conv.weight, mode="fan_out")
+            if isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Conv2d) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for conv in [*self.head.loc, *self.head.conf]:
+            nn.init.zeros_(conv.bias)
+
+    # ----- geometry -----
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def anchors(self, input_size: Optional[int] = None) -> Tensor:
+        """Anchors `[A, 4]` (cx, cy, w, h), normalised, for a square input of `input_size`."""
+        size = int(input_size or self.config.input_size)
+        return self.anchor_generator(size, pyramid_sizes(self.config, size))
+
+    # ----- network -----
+    def forward_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw predictions for a batch in the official input convention (see the class docstring)."""
+        shallow, deep = self.backbone(x)
+        return self.head(self.mlfpn(shallow, deep))
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """RGB in [0, 1], [N, 3, H, W] -> the official convention (BGR, 0..255 minus the means)."""
+        return images.flip(1) * 255.0 - self.pixel_means.to(images.dtype)
+
+    def preprocess(
+        self, images: Sequence[Tensor], input_size: Optional[int] = None
+    ) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Resize each CHW RGB image to the square input and normalise; also return original sizes."""
+        size = int(input_size or self.config.input_size)
+        batch, sizes = [], []
+        for i, image in enumerate(images):
+            if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+                shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+                raise ValueError(f"images[{i}]: expected a CHW tensor with 3 channels, got {shape}")
+            image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+            sizes.append((int(image.shape[1]), int(image.shape[2])))
+            if image.shape[1:] != (size, size):
+                image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+            batch.append(image)
+        return self.normalize(torch.stack(batch).to(self.pixel_means.device)), sizes
+
+    def forward(
+        self, images: Sequence[Tensor], targets: Optional[list[dict[str, Tensor]]] = None
+    ) -> Union[dict[str, Tensor], list[dict[str, Tensor]]]:
+        x, sizes = self.preprocess(images)
+        loc, logits = self.forward_raw(x)
+        anchors = self.anchors(x.shape[-1]).to(loc.device)
+        if self.training:
+            if targets is None:
+                raise ValueError(
+                    "targets are required in training mode (a list of dicts with boxes and labels)"
+                )
+            return self.compute_loss(loc, logits, anchors, normalize_targets(targets, sizes))
+        return self.postprocess(loc, logits, anchors, sizes)
+
+    def compute_loss(
+        self, loc: Tensor, logits: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """The SSD multibox loss; `targets` hold boxes normalised to [0, 1] (xyxy)."""
+        if self.loss_fn is None:
+            from m2det.boxes.loss import MultiBoxLoss
+
+            self.loss_fn = MultiBoxLoss(self.box_coder)
+        return self.loss_fn(loc, logits, anchors, targets)
+
+    def postprocess(
+        self, loc: Tensor, logits: Tensor, anchors: Tensor, sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        if self.postprocessor is None:
+            from m2det.boxes.postprocess import PostProcessor
+
+            self.postprocessor = PostProcessor(self.box_coder)
+        return self.postprocessor(loc, logits, anchors, sizes)
+
+
+def normalize_targets(
+    targets: list[dict[str, Tensor]], sizes: list[tuple[int, int]]
+) -> list[dict[str, Tensor]]:
+    """Pixel xyxy boxes of each image -> boxes normalised by that image's width and height."""
+    if len(targets) != len(sizes):
+        raise ValueError(f"got {len(targets)} targets for {len(sizes)} images")
+    out = []
+    for i, (target, (h, w)) in enumerate(zip(targets, sizes)):
+        if "boxes" not in target or "labels" not in target:
+            raise ValueError(f"targets[{i}]: needs 'boxes' (xyxy pixels) and 'labels', has {sorted(target)}")
+        boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+        scale = boxes.new_tensor([w, h, w, h])
+        out.append(
+            {**target, "boxes": boxes / scale, "labels": torch.as_tensor(target["labels"], dtype=torch.int64)}
+        )
+    return out
+
+
+def build_model(name: Union[str, ModelConfig] = "m2det320_vgg16", **overrides: Any) -> M2Det:
+    """Build an M2Det from a preset name (or a config) with overrides, e.g. ``num_classes=21``."""
+    if isinstance(name, ModelConfig):
+        return M2Det(with_overrides(name, **overrides))
+    return M2Det(get_config(name, **overrides))

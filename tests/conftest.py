@@ -1,0 +1,49 @@
+"""Shared fixtures: the official key layout and the real data shipped beside the repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REFERENCE = SHARED / "reference"
+BCCD = SHARED / "data" / "bccd"
+
+
+def official_layout(size: int = 320) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, shape) pairs of the official checkpoint from the shared reference TSV."""
+    rows = []
+    for line in (REFERENCE / f"official_m2det{size}_vgg_keys.tsv").read_text().splitlines():
+        key, shape = line.split("\t")
+        rows.append((key, () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))))
+    return rows
+
+
+def random_official_state_dict(
+    size: int = 320, seed: int = 0, num_classes: int = 81
+) -> dict[str, torch.Tensor]:
+    """Random values in the official layout; the shared `leach` copies hold one value as in real files."""
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for key, shape in official_layout(size):
+        if key.startswith("conf."):
+            shape = ((shape[0] // 81) * num_classes, *shape[1:])
+        if key.startswith("leach.") and not key.startswith("leach.0."):
+            state[key] = state["leach.0." + key.split(".", 2)[2]].clone()
+        elif key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(100)
+        elif key.endswith("running_var") or key.endswith(("bn.weight", "Norm.weight")):
+            state[key] = torch.rand(shape, generator=gen) + 0.5
+        else:
+            fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+            state[key] = torch.randn(shape, generator=gen) * (1.0 / fan_in) ** 0.5
+    return state
+
+
+@pytest.fixture(scope="session")
+def bccd_root() -> Path:
+    if not BCCD.is_dir():
+        pytest.skip(f"shared BCCD data not found at {BCCD}")
+    return BCCD

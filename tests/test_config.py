@@ -1,0 +1,59 @@
+"""Configuration: presets, overrides, YAML round-trips, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from m2det.config import ModelConfig, get_config, list_presets
+
+EXPECTED = {
+    "m2det320_vgg16", "m2det512_vgg16", "m2det704_vgg16", "m2det800_vgg16",
+    "m2det320_resnet101", "m2det512_resnet101", "m2det_tiny",
+}  # fmt: skip
+
+
+def test_presets_are_listed():
+    assert set(list_presets()) >= EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_yaml_round_trip(tmp_path, name):
+    config = get_config(name, num_classes=4, class_names=["a", "b", "c"])
+    path = tmp_path / "c.yaml"
+    config.save_yaml(path)
+    assert ModelConfig.from_yaml(path) == config
+
+
+def test_yaml_preset_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: m2det512_vgg16\nnum_classes: 21\nmlfpn:\n  sfam: true\n")
+    config = ModelConfig.from_yaml(path)
+    assert config.input_size == 512 and config.num_classes == 21 and config.mlfpn.sfam
+    assert config.mlfpn.planes == 256  # untouched fields keep the preset's value
+
+
+def test_dotted_overrides():
+    assert get_config("m2det_tiny", **{"mlfpn.planes": 128}).mlfpn.planes == 128
+
+
+def test_unknown_field_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: m2det320_vgg16\nmlfpn:\n  plains: 12\n")
+    with pytest.raises(ValueError, match=r"c.yaml.*plains"):
+        ModelConfig.from_yaml(path)
+
+
+def test_invalid_values_are_named():
+    with pytest.raises(ValueError, match="planes"):
+        get_config("m2det320_vgg16", mlfpn={"planes": 7})
+    with pytest.raises(ValueError, match="size_pattern"):
+        get_config("m2det320_vgg16", mlfpn={"num_scales": 5})
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_config("m2det_huge")
+    with pytest.raises(ValueError, match="class_names"):
+        get_config("m2det_tiny", num_classes=3, class_names=["a"])
+
+
+def test_categories_put_background_first():
+    config = get_config("m2det_tiny", num_classes=3, class_names=["cat", "dog"])
+    assert config.categories == ["__background__", "cat", "dog"]

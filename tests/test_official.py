@@ -1,0 +1,178 @@
+"""Official checkpoints: strict loading, every tensor computing where it should, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import m2det
+from conftest import official_layout, random_official_state_dict
+from m2det.cli.main import app
+from m2det.io.checkpoint import load_model
+from official_reference import official_forward
+
+
+@pytest.fixture(scope="module")
+def official_320():
+    return random_official_state_dict(320, seed=1)
+
+
+@pytest.fixture(scope="module")
+def loaded_320(official_320):
+    model = m2det.build_model("m2det320_vgg16").eval()
+    report = m2det.load_official(model, official_320)
+    assert report.missing == [] and report.unexpected == []
+    return model
+
+
+def test_layout_matches_reference_tsv(loaded_320):
+    assert len(loaded_320.state_dict()) == len(official_layout(320)) == 887
+
+
+def test_outputs_equal_independent_official_forward(loaded_320, official_320):
+    x = torch.randn(2, 3, 320, 320) * 50
+    with torch.inference_mode():
+        loc, logits = loaded_320.forward_raw(x)
+        ref_loc, ref_logits = official_forward(official_320, x)
+    scale = ref_logits.abs().max()
+    assert torch.allclose(loc, ref_loc, atol=1e-4 * ref_loc.abs().max(), rtol=1e-4)
+    assert torch.allclose(logits, ref_logits, atol=1e-4 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "key", ["unet5.latlayer.2.conv.weight", "unet8.smooth.0.bn.running_mean", "conf.3.bias", "base.19.weight"]
+)
+def test_perturbing_one_official_tensor_changes_the_matching_output(official_320, key):
+    # perturb in the official dict, load, and compare with the reference fed the same perturbed dict
+    state = {k: v.clone() for k, v in official_320.items()}
+    state[key] += torch.randn_like(state[key].float()).to(state[key].dtype) * 0.5 + 0.1
+    model = m2det.build_model("m2det320_vgg16").eval()
+    m2det.load_official(model, state)
+    x = torch.randn(1, 3, 320, 320) * 50
+    with torch.inference_mode():
+        loc, logits = model.forward_raw(x)
+        ref_loc, ref_logits = official_forward(state, x)
+        base_loc, base_logits = official_forward(official_320, x)
+    assert not torch.allclose(logits, base_logits)  # the tensor matters...
+    assert torch.allclose(
+        logits, ref_logits, atol=1e-4 * ref_logits.abs().max(), rtol=1e-4
+    )  # ...where it should
+    assert torch.allclose(loc, ref_loc, atol=1e-4 * ref_loc.abs().max(), rtol=1e-4)
+
+
+def test_sfam_checkpoint_loads_and_matches(official_320):
+    state = dict(official_320)
+    gen = torch.Generator().manual_seed(3)
+    fc1_w, fc1_b = torch.randn(128, 2048, 1, 1, generator=gen) * 0.02, torch.randn(128, generator=gen) * 0.1
+    fc2_w, fc2_b = torch.randn(2048, 128, 1, 1, generator=gen) * 0.1, torch.randn(2048, generator=gen) * 0.1
+    for i in range(6):
+        state.update({
+            f"sfam_module.fc1.{i}.weight": fc1_w, f"sfam_module.fc1.{i}.bias": fc1_b,
+            f"sfam_module.fc2.{i}.weight": fc2_w, f"sfam_module.fc2.{i}.bias": fc2_b,
+        })  # fmt: skip
+    model = m2det.build_model("m2det320_vgg16", mlfpn={"sfam": True}).eval()
+    m2det.load_official(model, state)
+    x = torch.randn(1, 3, 320, 320) * 50
+    with torch.inference_mode():
+        _, logits = model.forward_raw(x)
+        _, ref_logits = official_forward(state, x, sfam=True)
+    assert torch.allclose(logits, ref_logits, atol=1e-4 * ref_logits.abs().max(), rtol=1e-4)
+
+
+def test_512_layout_loads_strictly():
+    model = m2det.build_model("m2det512_vgg16")
+    report = m2det.load_official(model, random_official_state_dict(512, seed=2))
+    assert report.missing == [] and report.unexpected == []
+
+
+def test_wrong_num_classes_lists_the_heads(official_320):
+    model = m2det.build_model("m2det320_vgg16", num_classes=21)
+    with pytest.raises(ValueError, match=r"head\.conf\.0\.weight.*\(486, 2048, 3, 3\).*\(126, 2048, 3, 3\)"):
+        m2det.load_official(model, official_320)
+
+
+def test_missing_and_unexpected_keys_are_listed(official_320):
+    state = dict(official_320)
+    del state["unet3.toplayer.0.conv.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    model = m2det.build_model("m2det320_vgg16")
+    with pytest.raises(ValueError) as info:
+        m2det.load_official(model, state)
+    assert "mlfpn.tums.2.top.conv.weight" in str(info.value) and "extra.weight" in str(info.value)
+
+
+def test_differing_shared_copies_are_refused_then_loadable_unshared(official_320):
+    state = dict(official_320)
+    state["leach.4.conv.weight"] = state["leach.4.conv.weight"] + 1
+    with pytest.raises(ValueError, match="shared_leach=False"):
+        m2det.load_official(m2det.build_model("m2det320_vgg16"), state)
+    unshared = m2det.build_model("m2det320_vgg16", mlfpn={"shared_leach": False}).eval()
+    m2det.load_official(unshared, state)
+    assert torch.equal(unshared.mlfpn.leach[4].conv.weight, state["leach.4.conv.weight"])
+    assert torch.equal(unshared.mlfpn.leach[3].conv.weight, state["leach.3.conv.weight"])
+
+
+def test_pth_loads_weights_only_and_rejects_pickled_code(tmp_path, official_320):
+    path = tmp_path / "official.pth"
+    torch.save(official_320, path)
+    model = m2det.build_model("m2det320_vgg16")
+    m2det.load_official(model, path)
+    assert torch.equal(model.head.conf[2].bias, official_320["conf.2.bias"])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"conf.0.weight": Payload()}, evil)
+    with pytest.raises(ValueError, match=r"evil\.pth.*weights-only"):
+        m2det.load_official(model, evil)
+
+
+def test_convert_cli_writes_a_loadable_model(tmp_path):
+    # a thin variant keeps the files small; the mapping is the same for every variant
+    small = m2det.build_model("m2det320_vgg16", num_classes=4, mlfpn={"num_levels": 2, "planes": 64}).eval()
+    official = {}
+    from m2det.io.official import official_key
+
+    reverse = {}
+    for key in random_official_state_dict(320):
+        reverse[official_key(key, "vgg16")] = key
+    for ours, tensor in small.state_dict().items():
+        official[reverse[ours]] = tensor.clone() + 0.01
+    src = tmp_path / "official.pth"
+    torch.save(official, src)
+    out = tmp_path / "converted.safetensors"
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            str(src),
+            str(out),
+            "--preset",
+            "m2det320_vgg16",
+            "--set",
+            "mlfpn.num_levels=2",
+            "--set",
+            "mlfpn.planes=64",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    model = load_model(out).eval()
+    assert model.config.num_classes == 4 and model.config.mlfpn.num_levels == 2
+    x = torch.randn(1, 3, 320, 320)
+    reference = m2det.build_model(model.config).eval()
+    m2det.load_official(reference, official)
+    with torch.inference_mode():
+        assert torch.equal(model.forward_raw(x)[1], reference.forward_raw(x)[1])
+
+
+def test_convert_cli_reports_bad_file(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(
+        app, ["convert", str(bad), str(tmp_path / "o.safetensors"), "--preset", "m2det320_vgg16"]
+    )
+    assert result.exit_code == 2
+    assert "broken.pth" in result.output
