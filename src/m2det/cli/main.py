@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from m2det.cli import convert, models
+from m2det.cli import browse, convert, models
 
 app = typer.Typer(
     help="M2Det object detection: train, evaluate, detect, export, benchmark.",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (models, convert):
+for module in (models, convert, browse):
     module.register(app)
 
 
