@@ -9,6 +9,7 @@ from m2det.data.base import DataReport, DatasetError, DetectionDataset, ImageInf
 from m2det.data.build import build_dataset
 from m2det.data.coco import CocoDetection
 from m2det.data.loader import build_loader, collate_fn, seed_worker
+from m2det.data.synthetic import GeneratedShapes, ShapesConfig, ShapesSplit, generate_shapes_dataset
 from m2det.data.transforms import (
     MEAN_FILL_RGB,
     AugmentSettings,
@@ -29,9 +30,12 @@ __all__ = [
     "DataReport",
     "DatasetError",
     "DetectionDataset",
+    "GeneratedShapes",
     "ImageInfo",
     "PhotometricDistort",
     "Record",
+    "ShapesConfig",
+    "ShapesSplit",
     "SSDRandomCrop",
     "SSDZoomOut",
     "TrainTransform",
@@ -42,6 +46,7 @@ __all__ = [
     "build_loader",
     "build_train_transform",
     "collate_fn",
+    "generate_shapes_dataset",
     "read_image",
     "seed_worker",
 ]
