@@ -84,3 +84,18 @@ def test_box_coder_batched_broadcast():
     boxes = coder.decode(deltas, anchors)
     assert boxes.shape == (3, anchors.shape[0], 4)
     assert torch.allclose(coder.encode(boxes, anchors), deltas, atol=1e-4)
+
+
+def test_other_sizes_derive_steps_so_centres_stay_on_cells():
+    # the official steps belong to the preset's own size; at 288 the pyramid is 36, 18, 9, 5, 3, 1
+    anchors = m2det.anchors("m2det320_vgg16", 288)
+    sizes = [36, 18, 9, 5, 3, 1]
+    assert anchors.shape[0] == sum(f * f for f in sizes) * 6
+    last = anchors[-6:]
+    assert torch.allclose(last[:, :2], torch.full((6, 2), 0.5))  # the 1x1 map is centred
+    start = sum(f * f for f in sizes[:4]) * 6
+    third_scale_first_cell = anchors[start, :2]
+    assert torch.allclose(third_scale_first_cell, torch.tensor([0.5 / 3, 0.5 / 3]))
+    model = m2det.build_model("m2det_tiny")
+    assert torch.equal(model.anchors(288), m2det.anchors(model.config, 288))
+    assert torch.equal(model.anchors(), m2det.anchors("m2det_tiny"))

@@ -7,6 +7,7 @@ from typing import Union
 from torch import Tensor
 
 from m2det.config import ModelConfig, get_config, list_presets
+from m2det.inference.detector import Detector
 from m2det.models import M2Det, build_model, pyramid_sizes
 
 __version__ = "0.1.0"
@@ -18,7 +19,7 @@ def anchors(name_or_config: Union[str, ModelConfig], input_size: Union[int, None
 
     config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     size = int(input_size or config.input_size)
-    return AnchorGenerator(config.anchors)(size, pyramid_sizes(config, size))
+    return AnchorGenerator(config.anchors)(size, pyramid_sizes(config, size), config.input_size)
 
 
 def load_official(model: M2Det, path_or_state_dict, strict: bool = True):  # noqa: ANN001
@@ -29,6 +30,7 @@ def load_official(model: M2Det, path_or_state_dict, strict: bool = True):  # noq
 
 
 __all__ = [
+    "Detector",
     "M2Det",
     "ModelConfig",
     "anchors",

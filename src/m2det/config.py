@@ -126,7 +126,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, data, "config")
+        return dataclass_from_dict(cls, data, "config")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
@@ -168,7 +168,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a mapping, recursing into nested dataclasses; errors name `where.field`."""
     if not isinstance(data, dict):
         raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -179,7 +180,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     for name, value in data.items():
         default = getattr(cls(), name)
         if is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value, f"{where}.{name}")
+            kwargs[name] = dataclass_from_dict(type(default), value, f"{where}.{name}")
         elif isinstance(default, tuple) and value is not None:
             kwargs[name] = tuple(value)
         else:

@@ -26,15 +26,21 @@ class AnchorGenerator:
 
     def __init__(self, config: AnchorConfig):
         self.config = config
-        self._cache: dict[tuple[int, tuple[int, ...]], Tensor] = {}
+        self._cache: dict[tuple[int, tuple[int, ...], bool], Tensor] = {}
 
-    def __call__(self, image_size: int, feature_sizes: Sequence[int]) -> Tensor:
-        key = (int(image_size), tuple(int(f) for f in feature_sizes))
+    def __call__(self, image_size: int, feature_sizes: Sequence[int], native_size: Optional[int] = None) -> Tensor:
+        """Anchors for a square input of `image_size` whose pyramid has `feature_sizes`.
+
+        The configured `steps` hold for one input size only (`native_size`, the model's own); at
+        any other size each step is derived from its feature map, so centres stay on the cells.
+        """
+        use_steps = self.config.steps is not None and (native_size is None or int(native_size) == int(image_size))
+        key = (int(image_size), tuple(int(f) for f in feature_sizes), use_steps)
         if key not in self._cache:
             self._cache[key] = self._generate(*key)
         return self._cache[key]
 
-    def _generate(self, image_size: int, feature_sizes: tuple[int, ...]) -> Tensor:
+    def _generate(self, image_size: int, feature_sizes: tuple[int, ...], use_steps: bool) -> Tensor:
         cfg = self.config
         if len(feature_sizes) != len(cfg.size_pattern) - 1:
             raise ValueError(
@@ -43,7 +49,7 @@ class AnchorGenerator:
         sizes = [round(p * image_size, 2) for p in cfg.size_pattern]
         per_scale = []
         for k, f in enumerate(feature_sizes):
-            step = cfg.steps[k] if cfg.steps is not None else image_size / f
+            step = cfg.steps[k] if use_steps else image_size / f
             f_k = image_size / step
             idx = torch.arange(f, dtype=torch.float64)
             cy, cx = torch.meshgrid((idx + 0.5) / f_k, (idx + 0.5) / f_k, indexing="ij")

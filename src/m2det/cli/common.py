@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, TypeVar, Union
 
 import typer
 
@@ -46,3 +47,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"--set expects KEY=VALUE (e.g. mlfpn.planes=128), got {pair!r}")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
+
+
+def next_run_dir(root: Union[Path, str], prefix: str = "exp") -> Path:
+    """A new folder `root/expN` with the smallest N not taken yet (created, so runs never share one)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        candidate = root / f"{prefix}{number}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            number += 1
+            continue
+        return candidate

@@ -32,22 +32,17 @@ def convert(
     ),
 ) -> None:
     """Convert an official checkpoint (loaded with weights_only=True) and verify it loads strictly."""
-    from m2det.config import get_config
-    from m2det.data.names import COCO_CLASSES
     from m2det.io.checkpoint import save_model
-    from m2det.io.official import load_official, official_num_classes
-    from m2det.io.torchfile import load_state_dict_file
-    from m2det.models import build_model
+    from m2det.io.official import build_official_model
 
-    state = load_state_dict_file(source)
-    extra = parse_overrides(overrides)
-    base = get_config(preset, **extra)
-    classes = num_classes or official_num_classes(state, base.anchors.num_anchors_per_location)
-    use_sfam = sfam if sfam is not None else any(k.startswith("sfam_module.") for k in state)
-    settings = {**extra, "num_classes": classes, "mlfpn.sfam": use_sfam}
-    if classes == len(COCO_CLASSES) + 1:
-        settings["class_names"] = list(COCO_CLASSES)
-    model = build_model(get_config(preset, **settings))
-    load_official(model, state)
+    settings = parse_overrides(overrides)
+    if num_classes is not None:
+        settings["num_classes"] = num_classes
+    if sfam is not None:
+        settings["mlfpn.sfam"] = sfam
+    model = build_official_model(source, preset, **settings)
     save_model(model, output, extra={"converted_from": source.name})
-    typer.echo(f"wrote {output} ({preset}, {classes} classes, SFAM {'on' if use_sfam else 'off'})")
+    config = model.config
+    typer.echo(
+        f"wrote {output} ({preset}, {config.num_classes} classes, SFAM {'on' if config.mlfpn.sfam else 'off'})"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from m2det.cli import browse, convert, models
+from m2det.cli import bench, browse, convert, detect, eval, export, models
 
 app = typer.Typer(
     help="M2Det object detection: train, evaluate, detect, export, benchmark.",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (models, convert, browse):
+for module in (models, convert, browse, eval, detect, bench, export):
     module.register(app)
 
 

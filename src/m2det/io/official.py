@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -101,14 +101,17 @@ def _check_shared(model: nn.Module, renamed: dict[str, Tensor]) -> None:
 
 
 def load_official(
-    model: nn.Module, source: Union[str, Path, dict[str, Tensor]], strict: bool = True
+    model: nn.Module,
+    source: Union[str, Path, dict[str, Tensor]],
+    strict: bool = True,
+    where: Union[str, None] = None,
 ) -> LoadReport:
     """Load an official M2Det checkpoint (a `.pth` path, read with weights_only=True, or a state dict).
 
     With `strict`, any missing or unexpected key raises a ValueError that lists them; a shape
     mismatch always raises. Returns what was missing/unexpected.
     """
-    where = str(source) if not isinstance(source, dict) else "state dict"
+    where = where or (str(source) if not isinstance(source, dict) else "state dict")
     state = load_state_dict_file(source) if not isinstance(source, dict) else as_state_dict(source, where)
     renamed, report, mismatched = convert_official_state_dict(state, model)
     problems = []
@@ -133,3 +136,35 @@ def official_num_classes(state: dict[str, Tensor], anchors_per_location: int = 6
     if "conf.0.weight" not in state:
         raise ValueError("not an official M2Det checkpoint: no conf.0.weight")
     return int(state["conf.0.weight"].shape[0]) // anchors_per_location
+
+
+def build_official_model(
+    source: Union[str, Path, dict[str, Tensor]], preset: str, **overrides: Any
+) -> nn.Module:
+    """An M2Det of `preset` with the class count and SFAM the official checkpoint implies, loaded.
+
+    A COCO checkpoint (81 classes) gets the COCO class names. `overrides` go to `get_config`
+    (e.g. ``mlfpn.num_levels=4`` for a checkpoint of a Table 3 variant).
+    """
+    from m2det.config import get_config
+    from m2det.data.names import COCO_CLASSES
+    from m2det.models import build_model
+
+    where = str(source) if not isinstance(source, dict) else "state dict"
+    state = load_state_dict_file(source) if not isinstance(source, dict) else as_state_dict(source, where)
+    base = get_config(preset, **overrides)
+    num_classes = overrides.get("num_classes") or official_num_classes(
+        state, base.anchors.num_anchors_per_location
+    )
+    settings: dict[str, Any] = {
+        **overrides,
+        "num_classes": num_classes,
+        "mlfpn.sfam": overrides.get("mlfpn.sfam", any(k.startswith("sfam_module.") for k in state)),
+    }
+    if num_classes == len(COCO_CLASSES) + 1 and "class_names" not in overrides:
+        settings["class_names"] = list(COCO_CLASSES)
+    config = get_config(preset, **settings)
+    config.backbone.weights = None  # the checkpoint holds the backbone
+    model = build_model(config)
+    load_official(model, state, where=where)
+    return model

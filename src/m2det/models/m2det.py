@@ -79,7 +79,7 @@ class M2Det(nn.Module):
     def anchors(self, input_size: Optional[int] = None) -> Tensor:
         """Anchors `[A, 4]` (cx, cy, w, h), normalised, for a square input of `input_size`."""
         size = int(input_size or self.config.input_size)
-        return self.anchor_generator(size, pyramid_sizes(self.config, size))
+        return self.anchor_generator(size, pyramid_sizes(self.config, size), self.config.input_size)
 
     # ----- network -----
     def forward_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,10 +136,14 @@ class M2Det(nn.Module):
         self, loc: Tensor, logits: Tensor, anchors: Tensor, sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
         if self.postprocessor is None:
-            from m2det.boxes.postprocess import PostProcessor
-
-            self.postprocessor = PostProcessor(self.box_coder)
+            self.set_postprocess("paper")
         return self.postprocessor(loc, logits, anchors, sizes)
+
+    def set_postprocess(self, settings: Any = "paper") -> None:
+        """Choose the eval-mode post-processing: "paper", "official" or a `PostprocessSettings`."""
+        from m2det.boxes.postprocess import PostProcessor
+
+        self.postprocessor = PostProcessor(self.box_coder, settings, categories=self.config.categories)
 
 
 def normalize_targets(

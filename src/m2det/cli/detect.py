@@ -1,0 +1,361 @@
+"""`m2det detect SOURCE`: detections for an image, a folder, a glob, a video or a camera.
+
+Writes annotated images and videos, `detections.json` (per image: file, frame, size, boxes with
+names) and `results_coco.json` (COCO results format) into a fresh `runs/detect/expN` or `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from m2det.cli.common import next_run_dir, user_errors
+
+DETECTIONS_JSON = "detections.json"
+COCO_RESULTS_JSON = "results_coco.json"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("detect")(detect)
+
+
+@user_errors
+def detect(
+    source: str = typer.Argument(
+        ..., help="An image, a folder, a glob ('imgs/*.jpg', quoted), a video file or a camera index (0)."
+    ),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", "-w", help="Our .safetensors model file, or an official .pth with --preset."
+    ),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Architecture of an official .pth (or of random weights), e.g. m2det512_vgg16."
+    ),
+    score: Optional[float] = typer.Option(None, "--score", help="Score threshold (default: the settings')."),
+    settings: str = typer.Option("paper", "--settings", help="Post-processing: paper | official."),
+    nms: Optional[str] = typer.Option(
+        None, "--nms", help="hard | linear | gaussian (default: the settings')."
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    batch: int = typer.Option(8, "--batch", min=1, help="Images (or video frames) per forward pass."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder (default: a fresh runs/detect/expN)."
+    ),
+    sizes: Optional[str] = typer.Option(
+        None, "--sizes", help="Multi-scale testing: input sizes, comma separated, e.g. 320,512."
+    ),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Also detect on the mirrored image and merge."),
+    max_frames: Optional[int] = typer.Option(
+        None, "--max-frames", min=1, help="Stop each video or camera after this many frames."
+    ),
+    save: bool = typer.Option(True, "--save/--no-save", help="Write annotated images and videos."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help="pytorch | onnxruntime (default: onnxruntime for an .onnx --weights file)."
+    ),
+) -> None:
+    """Detect objects and write annotated pictures plus JSON (ours and COCO results)."""
+    import warnings
+
+    from m2det.boxes.postprocess import get_settings
+    from m2det.deploy.onnx_backend import check_backend_choice
+    from m2det.inference.detector import Detector
+    from m2det.inference.sources import resolve_source
+
+    check_backend_choice(backend, weights)  # an .onnx file loads as an ONNX Runtime model below
+    items = resolve_source(source)
+    chosen = get_settings(settings)
+    if nms is not None:
+        chosen = chosen.replace(nms=nms)
+    if weights is None:
+        typer.secho(
+            "warning: no --weights given: the model has RANDOM weights and its detections mean nothing",
+            err=True,
+            fg=typer.colors.YELLOW,
+            bold=True,
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no weights given")
+        detector = Detector(
+            weights,
+            preset=preset,
+            device=device,
+            score_threshold=score,
+            settings=chosen,
+            batch_size=batch,
+            sizes=parse_sizes(sizes),
+            flip=flip,
+        )
+    out_dir = out if out is not None else next_run_dir(Path("runs") / "detect")
+    run = DetectRun(detector, out_dir, save=save, max_frames=max_frames)
+    run.process(items)
+    run.write_json(source)
+    typer.echo(run.summary())
+    if run.num_images + run.num_frames == 0:
+        raise ValueError(f"nothing could be read from {source}: all {len(run.skipped)} inputs were skipped")
+
+
+def parse_sizes(text: Optional[str]) -> Optional[list[int]]:
+    """ "320,512" -> [320, 512]."""
+    if text is None or not text.strip():
+        return None
+    try:
+        sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ValueError(
+            f"--sizes expects integers separated by commas (e.g. 320,512), got {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 32:
+        raise ValueError(f"--sizes expects input sizes >= 32, got {text!r}")
+    return sizes
+
+
+def coco_category_ids(class_names: list[str]) -> list[int]:
+    """COCO category id of each label (index label - 1): COCO's own ids for a COCO model, else the label."""
+    from m2det.data.names import COCO_CATEGORY_IDS, COCO_CLASSES
+
+    if tuple(class_names) == COCO_CLASSES:
+        return list(COCO_CATEGORY_IDS)
+    return list(range(1, len(class_names) + 1))
+
+
+@dataclass
+class DetectRun:
+    """One `m2det detect` run: reads the inputs in batches, detects, draws, and records the results."""
+
+    detector: Any
+    out_dir: Path
+    save: bool = True
+    max_frames: Optional[int] = None
+    progress: bool = True
+    images: list[dict] = field(default_factory=list)
+    coco: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+    num_images: int = 0
+    num_frames: int = 0
+    num_videos: int = 0
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._names: set[str] = set()
+        self._categories = coco_category_ids(self.detector.class_names)
+
+    # ----- the loop -----
+    def process(self, items: list) -> None:
+        from tqdm import tqdm
+
+        from m2det.inference.sources import read_image
+
+        start = time.perf_counter()
+        num_files = sum(item.kind == "image" for item in items)
+        with tqdm(total=num_files, unit="img", desc="detect", disable=None if self.progress else True) as bar:
+            self._bar = bar
+            pending: list[tuple[str, Any]] = []
+            for item in items:
+                if item.kind == "unsupported":
+                    self._skip(item.path, item.reason)
+                elif item.kind == "image":
+                    try:
+                        pending.append((item.path, read_image(item.path)))
+                    except (ValueError, OSError) as exc:
+                        self._skip(item.path, str(exc).replace(f"{item.path}: ", ""))
+                        bar.update(1)
+                    if len(pending) == self.detector.batch_size:
+                        self._images(pending)
+                        pending = []
+                else:
+                    self._images(pending)
+                    pending = []
+                    self._video(item)
+            self._images(pending)
+        self.seconds = time.perf_counter() - start
+
+    def _images(self, batch: list[tuple[str, Any]]) -> None:
+        if not batch:
+            return
+        results = self.detector.detect([image for _, image in batch])
+        for (path, image), result in zip(batch, results):
+            self._record(path, None, image, result)
+            if self.save:
+                self._write_image(path, self._draw(image, result))
+            self.num_images += 1
+        self._bar.update(len(batch))
+
+    def _video(self, item: Any) -> None:
+        from m2det.inference.sources import VideoReader
+
+        try:
+            reader = VideoReader(item)
+        except ValueError as exc:
+            self._skip(item.path, str(exc).split(": ", 1)[-1])
+            return
+        expected = reader.frame_count
+        if self.max_frames is not None:
+            expected = min(expected or self.max_frames, self.max_frames)
+        self._bar.total = (self._bar.total or 0) + (expected or 0)
+        self._bar.refresh()
+        target = self._output_path(Path(item.name).stem + ".mp4")
+        partial = target.with_name(f".{target.stem}.partial.mp4")  # the writer needs the real suffix
+        writer = None
+        frames = 0
+        try:
+            with reader:
+                batch: list[Any] = []
+                for frame in reader.frames(self.max_frames):
+                    batch.append(frame)
+                    if len(batch) == self.detector.batch_size:
+                        writer = self._frames(item, batch, frames, writer, partial, reader.fps)
+                        frames += len(batch)
+                        batch = []
+                if batch:
+                    writer = self._frames(item, batch, frames, writer, partial, reader.fps)
+                    frames += len(batch)
+        finally:
+            if writer is not None:
+                writer.release()
+                os.replace(partial, target)
+                self.outputs.append(target)
+        if frames == 0:
+            self._skip(item.path, "no frame could be read")
+            return
+        self.num_videos += 1
+
+    def _frames(self, item: Any, batch: list[Any], first: int, writer: Any, path: Path, fps: float) -> Any:
+        import cv2
+
+        results = self.detector.detect(batch)
+        for offset, (frame, result) in enumerate(zip(batch, results)):
+            self._record(item.path if item.kind == "video" else item.name, first + offset, frame, result)
+            if self.save:
+                if writer is None:
+                    height, width = frame.shape[:2]
+                    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+                    if not writer.isOpened():
+                        raise ValueError(f"{path}: OpenCV cannot write mp4v video here; use --no-save")
+                writer.write(self._draw(frame, result))
+        self.num_frames += len(batch)
+        self._bar.update(len(batch))
+        return writer
+
+    # ----- results -----
+    def _record(self, path: str, frame: Optional[int], image: Any, result: dict) -> None:
+        image_id = len(self.images) + 1
+        height, width = image.shape[:2]
+        boxes = result["boxes"].tolist()
+        scores = result["scores"].tolist()
+        labels = result["labels"].tolist()
+        names = result.get("label_names") or [self.detector.class_names[label - 1] for label in labels]
+        self.images.append(
+            {
+                "id": image_id,
+                "file": str(path),
+                "frame": frame,
+                "width": width,
+                "height": height,
+                "detections": [
+                    {
+                        "box": [round(v, 2) for v in box],
+                        "score": round(score, 5),
+                        "label": label,
+                        "name": name,
+                    }
+                    for box, score, label, name in zip(boxes, scores, labels, names)
+                ],
+            }
+        )
+        self.coco += [
+            {
+                "image_id": image_id,
+                "category_id": self._categories[label - 1],
+                "bbox": [
+                    round(box[0], 2),
+                    round(box[1], 2),
+                    round(box[2] - box[0], 2),
+                    round(box[3] - box[1], 2),
+                ],
+                "score": round(score, 5),
+            }
+            for box, score, label in zip(boxes, scores, labels)
+        ]
+
+    def _draw(self, bgr: Any, result: dict) -> Any:
+        import numpy as np
+
+        from m2det.inference.detector import to_rgb_tensor
+        from m2det.visualize import draw_detections
+
+        drawn = draw_detections(
+            to_rgb_tensor(bgr), result["boxes"], result["labels"], result["scores"], self.detector.class_names
+        )
+        return np.ascontiguousarray(drawn.permute(1, 2, 0).numpy()[..., ::-1])
+
+    def _write_image(self, source: str, bgr: Any) -> None:
+        import cv2
+
+        from m2det.io.torchfile import atomic_path
+
+        target = self._output_path(Path(source).name)
+        ok, encoded = cv2.imencode(target.suffix, bgr)
+        if not ok:
+            target = self._output_path(Path(source).stem + ".jpg")
+            ok, encoded = cv2.imencode(".jpg", bgr)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(encoded.tobytes())
+        self.outputs.append(target)
+
+    def _output_path(self, name: str) -> Path:
+        """`name` in the output folder, made unique when two inputs share a file name."""
+        stem, suffix = Path(name).stem, Path(name).suffix
+        candidate, number = name, 1
+        while candidate in self._names:
+            candidate = f"{stem}_{number}{suffix}"
+            number += 1
+        self._names.add(candidate)
+        return self.out_dir / candidate
+
+    def _skip(self, path: str, reason: str) -> None:
+        self.skipped.append({"file": str(path), "reason": reason})
+        self._bar.write(f"skipped {path}: {reason}")
+
+    def write_json(self, source: str) -> None:
+        import dataclasses
+
+        from m2det.io.torchfile import atomic_path
+
+        report = {
+            "source": source,
+            "model": self.detector.model.config.name,
+            "settings": dataclasses.asdict(self.detector.settings),
+            "sizes": self.detector.sizes,
+            "flip": self.detector.flip,
+            "class_names": self.detector.class_names,
+            "category_ids": self._categories,
+            "images": self.images,
+            "skipped": self.skipped,
+        }
+        for name, payload in ((DETECTIONS_JSON, report), (COCO_RESULTS_JSON, self.coco)):
+            with atomic_path(self.out_dir / name) as tmp:
+                tmp.write_text(json.dumps(payload, indent=1 if name == DETECTIONS_JSON else None))
+
+    def summary(self) -> str:
+        count = self.num_images + self.num_frames
+        rate = count / self.seconds if self.seconds > 0 else 0.0
+        parts = [f"{self.num_images} images"]
+        if self.num_videos:
+            parts.append(f"{self.num_videos} videos ({self.num_frames} frames)")
+        lines = [
+            f"detected in {', '.join(parts)}: {len(self.coco)} detections, "
+            f"{self.seconds:.1f} s ({rate:.2f} images/s)"
+        ]
+        if self.skipped:
+            listed = ", ".join(f"{Path(s['file']).name} ({s['reason']})" for s in self.skipped)
+            lines.append(f"skipped {len(self.skipped)}: {listed}")
+        lines.append(f"results in {self.out_dir}: {DETECTIONS_JSON}, {COCO_RESULTS_JSON}")
+        return "\n".join(lines)

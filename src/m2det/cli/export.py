@@ -1,0 +1,80 @@
+"""`m2det export`: a model as ONNX (optionally INT8) or TorchScript, checked against PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from m2det.cli.common import user_errors
+
+FORMATS = ("onnx", "torchscript")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export)
+
+
+@user_errors
+def export(
+    output: Path = typer.Argument(..., help="File to write (.onnx or .pt)."),
+    weights: Optional[Path] = typer.Option(
+        None,
+        "--weights",
+        help="Our .safetensors model, or an official .pth with --preset. None: random weights.",
+    ),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Architecture of an official .pth (or of random weights)."
+    ),
+    fmt: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+    size: Optional[int] = typer.Option(None, "--size", min=32, help="Input size (default: the model's)."),
+    nms: bool = typer.Option(False, "--nms/--no-nms", help="Add per-class hard NMS to the graph."),
+    nms_score: float = typer.Option(0.05, "--nms-score", min=0.0, max=1.0, help="NMS score threshold."),
+    nms_iou: float = typer.Option(0.45, "--nms-iou", min=0.0, max=1.0, help="NMS IoU threshold."),
+    nms_max: int = typer.Option(50, "--nms-max-per-class", min=1, help="Boxes kept per image and class."),
+    int8: bool = typer.Option(False, "--int8", help="ONNX only: static INT8 quantisation for the CPU."),
+    calib_data: Optional[str] = typer.Option(
+        None, "--calib-data", help="--int8: calibration data (COCO .json, VOC folder or YOLO .yaml)."
+    ),
+    calib_split: str = typer.Option("train", "--calib-split", help="--int8: VOC image set / YOLO split."),
+    calib_num: int = typer.Option(300, "--calib-num", min=1, help="--int8: calibration images."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare the file's outputs with PyTorch."),
+) -> None:
+    """Export with a dynamic batch dimension and box decoding in the graph; the input convention,
+    configuration and class names go into the file's metadata (see docs/deploy.md)."""
+    import tempfile
+
+    from m2det.deploy.export import GraphNMS, export_onnx, export_torchscript
+    from m2det.inference.detector import load_model_for_inference
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if int8 and fmt != "onnx":
+        raise ValueError("--int8 is for --format onnx (ONNX Runtime's static quantisation)")
+    if int8 and calib_data is None:
+        raise ValueError(
+            "--int8 needs --calib-data: images of your data set to calibrate the activation ranges"
+        )
+    model = load_model_for_inference(weights, preset).eval()
+    graph_nms = GraphNMS(nms_score, nms_iou, nms_max) if nms else None
+    if fmt == "torchscript":
+        report = export_torchscript(model, output, input_size=size, nms=graph_nms, check=check)
+    elif not int8:
+        report = export_onnx(model, output, input_size=size, nms=graph_nms, check=check)
+    else:
+        from m2det.deploy.quantize import calibration_reader, quantize_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            report = export_onnx(model, fp32, input_size=size, nms=graph_nms, check=check)
+            reader = calibration_reader(fp32, calib_data, calib_split, calib_num)
+            typer.echo(f"calibrating on {len(reader)} images of {calib_data} ({calib_split}) ...")
+            quantized = quantize_onnx(fp32, output, reader, source=f"{calib_data} ({calib_split})")
+        typer.echo(quantized.summary())
+    if check and report.relative_error:
+        errors = ", ".join(f"{name} {err:.1e}" for name, err in report.relative_error.items())
+        typer.echo(
+            f"checked against PyTorch at batch {report.check_batch}: largest relative differences {errors}"
+        )
+    typer.echo(f"wrote {output} ({fmt}{', int8' if int8 else ''}; outputs {', '.join(report.outputs)})")

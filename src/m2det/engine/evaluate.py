@@ -1,0 +1,571 @@
+"""Evaluation: COCO metrics through pycocotools, Pascal VOC AP, and inference over a data set.
+
+`evaluate(model, dataset)` runs the detector and scores its detections; `score_detections(coco_gt,
+detections)` scores an existing list in COCO results format (what a test-dev submission holds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+from m2det.engine.voc_eval import mean_ap, voc_evaluate
+from m2det.io.torchfile import atomic_path
+
+# The 12 numbers of COCOeval.summarize() for boxes, in its order.
+STAT_NAMES: tuple[str, ...] = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)  # fmt: skip
+VOC_NAMES: tuple[str, ...] = ("VOC_AP07", "VOC_AP")  # mean over classes of the 2007 11-point / area AP
+PER_CLASS_COLUMNS: tuple[str, ...] = ("class", "category_id", "num_gt", "AP", "AP50", *VOC_NAMES)
+NO_DETECTIONS = "no detections: every AP and AR is 0 where the ground truth has boxes (-1 where it has none)"
+
+
+@dataclass
+class ClassMetrics:
+    """One category: COCO AP (IoU .50:.95) and AP50, VOC AP (2007 11-point and area) at IoU .5.
+
+    NaN where the category has no ground truth in the evaluated images.
+    """
+
+    name: str
+    category_id: int
+    num_gt: int
+    ap: float
+    ap50: float
+    voc_ap07: float
+    voc_ap: float
+
+    def as_row(self) -> dict[str, Any]:
+        """The row of per_class.csv / metrics.json (columns `PER_CLASS_COLUMNS`)."""
+        values = (self.name, self.category_id, self.num_gt, self.ap, self.ap50, self.voc_ap07, self.voc_ap)
+        return dict(zip(PER_CLASS_COLUMNS, values))
+
+
+@dataclass
+class EvalResult:
+    """Metrics (the 12 COCO stats, then VOC_AP07 and VOC_AP), per-class rows, the detections in COCO
+    results format, and precision-recall curves at IoU .5 (name -> (recall, precision))."""
+
+    metrics: dict[str, float]
+    per_class: list[ClassMetrics]
+    detections_coco: list[dict[str, Any]]
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    num_images: int = 0
+    seconds: float = 0.0
+    note: Optional[str] = None
+    summary: str = ""  # pycocotools' printed summary
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (NaN as null): metrics, per_class, counts, note."""
+        return _finite(
+            {
+                "metrics": self.metrics,
+                "per_class": [row.as_row() for row in self.per_class],
+                "num_images": self.num_images,
+                "num_detections": len(self.detections_coco),
+                "seconds": self.seconds,
+                "note": self.note,
+            }
+        )
+
+    def save(self, out_dir: Union[str, Path], extra: Optional[dict[str, Any]] = None) -> dict[str, Path]:
+        """Write metrics.json, per_class.csv, pr_curve.png and detections.json into `out_dir`."""
+        from m2det.engine.plots import plot_pr_curves
+
+        out_dir = Path(out_dir)
+        paths = {
+            name: out_dir / name
+            for name in ("metrics.json", "per_class.csv", "pr_curve.png", "detections.json")
+        }
+        write_json(paths["metrics.json"], {**self.to_json(), **(extra or {})}, indent=2)
+        rows = [row.as_row() for row in self.per_class]
+        with atomic_path(paths["per_class.csv"]) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=PER_CLASS_COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: _cell(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+        plot_pr_curves(
+            self.curves,
+            paths["pr_curve.png"],
+            title="Precision-recall at IoU 0.5 (COCO interpolation; legend: AP50)",
+            ap={r.name: r.ap50 for r in self.per_class},
+        )
+        write_json(paths["detections.json"], self.detections_coco)
+        return paths
+
+
+def _cell(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.6f}"
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, recursively, so the JSON stays standard."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: Union[str, Path], data: Any, indent: Optional[int] = None) -> None:
+    """JSON with NaN written as null, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_finite(data), indent=indent))
+
+
+# ----- checking a detections list -----
+def check_detections(
+    detections: Any,
+    coco_gt: COCO,
+    source: str = "detections",
+    category_ids: Optional[Sequence[int]] = None,
+) -> list[dict[str, Any]]:
+    """Validate a COCO results list against the ground truth; return clean copies.
+
+    Each entry needs an `image_id` of `coco_gt`, a `category_id` of `category_ids` (default: those
+    of `coco_gt`), `bbox` [x, y, w, h] with w, h >= 0 and a numeric `score`. Errors name `source`,
+    the entry and the field.
+    """
+    if not isinstance(detections, list):
+        raise ValueError(
+            f"{source}: expected a list of detections in COCO results format, got {type(detections).__name__}"
+        )
+    image_ids = set(coco_gt.getImgIds())
+    known_categories = set(coco_gt.getCatIds() if category_ids is None else category_ids)
+    clean = []
+    for i, det in enumerate(detections):
+        where = f"{source}: detection {i}"
+        if not isinstance(det, dict):
+            raise ValueError(f"{where}: expected an object, got {type(det).__name__}")
+        missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in det]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        bbox, score = det["bbox"], det["score"]
+        if (
+            not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(_is_number(v) for v in bbox)
+            or bbox[2] < 0
+            or bbox[3] < 0
+        ):
+            raise ValueError(f"{where}: field 'bbox' must be [x, y, w, h] with w, h >= 0, got {bbox!r}")
+        if not _is_number(score):
+            raise ValueError(f"{where}: field 'score' must be a number, got {score!r}")
+        if det["image_id"] not in image_ids:
+            raise ValueError(
+                f"{where}: field 'image_id' {det['image_id']!r} is not an image of the ground truth "
+                f"({len(image_ids)} images, ids e.g. {sorted(image_ids)[:5]})"
+            )
+        if det["category_id"] not in known_categories:
+            raise ValueError(
+                f"{where}: field 'category_id' {det['category_id']!r} is not a category of the data set "
+                f"(ids {sorted(known_categories)[:20]})"
+            )
+        clean.append(
+            {
+                "image_id": det["image_id"],
+                "category_id": det["category_id"],
+                "bbox": [float(v) for v in bbox],
+                "score": float(score),
+            }
+        )
+    return clean
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_detections(
+    path: Union[str, Path], coco_gt: COCO, category_ids: Optional[Sequence[int]] = None
+) -> list[dict[str, Any]]:
+    """A COCO results JSON file, checked as `check_detections` does (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"detections file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return check_detections(data, coco_gt, str(path), category_ids)
+
+
+# ----- COCO metrics -----
+def run_cocoeval(
+    coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Optional[Sequence[int]] = None
+) -> COCOeval:
+    """COCOeval (bbox) evaluated, accumulated and summarised, its printing captured in `.summary`.
+
+    An empty list is scored as pycocotools would score no detections (its `loadRes` rejects []).
+    """
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        if detections:
+            # loadRes adds fields to the dicts it is given; give it copies
+            coco_dt = coco_gt.loadRes([dict(d) for d in detections])
+        else:
+            coco_dt = COCO()
+            coco_dt.dataset = {
+                "images": list(coco_gt.dataset["images"]),
+                "categories": list(coco_gt.dataset.get("categories", [])),
+                "annotations": [],
+            }
+            coco_dt.createIndex()
+        cocoeval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            cocoeval.params.imgIds = sorted(int(i) for i in image_ids)
+        cocoeval.evaluate()
+        cocoeval.accumulate()
+        printed.truncate(0)
+        cocoeval.summarize()
+    cocoeval.summary = printed.getvalue()
+    return cocoeval
+
+
+def _per_class_ap(cocoeval: COCOeval) -> dict[int, tuple[float, float]]:
+    """Category id -> (AP over IoU .50:.95, AP50), all areas, 100 detections; NaN without ground truth."""
+    precision = cocoeval.eval["precision"]  # [IoU T, recall R, class K, area A, max dets M]
+    at50 = int(np.argmin(np.abs(cocoeval.params.iouThrs - 0.5)))
+    out = {}
+    for k, category_id in enumerate(cocoeval.params.catIds):
+        values = []
+        for p in (precision[:, :, k, 0, -1], precision[at50, :, k, 0, -1]):
+            valid = p[p > -1]
+            values.append(float(valid.mean()) if valid.size else math.nan)
+        out[int(category_id)] = (values[0], values[1])
+    return out
+
+
+def coco_metrics(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The 12 COCO box stats by name (AP, AP50, ..., ARl, exactly as pycocotools gives them), plus
+    `per_class` {category_id: {"name", "AP", "AP50"}} and `note` (set when there are no detections)."""
+    cocoeval = run_cocoeval(coco_gt, detections)
+    metrics: dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES, cocoeval.stats)}
+    names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
+    metrics["per_class"] = {
+        cid: {"name": names.get(cid, str(cid)), "AP": ap, "AP50": ap50}
+        for cid, (ap, ap50) in _per_class_ap(cocoeval).items()
+    }
+    metrics["note"] = None if detections else NO_DETECTIONS
+    return metrics
+
+
+# ----- both metrics from one detections list -----
+def _ground_truth_arrays(coco_gt: COCO, image_ids: Optional[set[int]]) -> dict[str, np.ndarray]:
+    """Flat ground-truth arrays for VOC AP; COCO crowd boxes (VOC difficult) are 'difficult'."""
+    anns = [
+        a for a in coco_gt.dataset.get("annotations", []) if image_ids is None or a["image_id"] in image_ids
+    ]
+    return {
+        "images": np.array([a["image_id"] for a in anns], dtype=np.int64),
+        "boxes": _xywh_to_xyxy([a["bbox"] for a in anns]),
+        "labels": np.array([a["category_id"] for a in anns], dtype=np.int64),
+        "difficult": np.array([bool(a.get("iscrowd", 0) or a.get("ignore", 0)) for a in anns], dtype=bool),
+    }
+
+
+def _xywh_to_xyxy(boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+
+
+def score_detections(
+    coco_gt: COCO,
+    detections: Sequence[dict[str, Any]],
+    *,
+    category_ids: Optional[Sequence[int]] = None,
+    image_ids: Optional[Sequence[int]] = None,
+    voc_pixel_inclusive: bool = False,
+) -> EvalResult:
+    """COCO metrics, VOC AP at IoU .5 and PR curves for a checked COCO results list.
+
+    `category_ids[label - 1]`, when given, is the data set's id of the category that `coco_gt` calls
+    `label` (a data set's `coco_gt()` numbers categories by label): detections carry the data set's
+    ids and are scored by label. `image_ids` restricts the evaluation to those images (default: all
+    of `coco_gt`); `voc_pixel_inclusive` selects the VOC devkit's +1 pixel convention for VOC AP.
+    """
+    labels = sorted(int(c) for c in coco_gt.getCatIds())
+    if category_ids is None:
+        category_ids = labels
+        scored = list(detections)
+    else:
+        if len(category_ids) != len(labels):
+            raise ValueError(
+                f"got {len(category_ids)} category ids for {len(labels)} ground-truth categories"
+            )
+        to_label = {int(c): label for c, label in zip(category_ids, labels)}
+        scored = [{**d, "category_id": to_label[d["category_id"]]} for d in detections]
+    cocoeval = run_cocoeval(coco_gt, scored, image_ids)
+    metrics = {name: float(v) for name, v in zip(STAT_NAMES, cocoeval.stats)}
+    selected = None if image_ids is None else {int(i) for i in image_ids}
+    dets = [d for d in scored if selected is None or d["image_id"] in selected]
+    gt = _ground_truth_arrays(coco_gt, selected)
+    voc = voc_evaluate(
+        [d["image_id"] for d in dets],
+        _xywh_to_xyxy([d["bbox"] for d in dets]),
+        [d["score"] for d in dets],
+        [d["category_id"] for d in dets],
+        gt["images"],
+        gt["boxes"],
+        gt["labels"],
+        gt["difficult"],
+        labels=labels,
+        pixel_inclusive=voc_pixel_inclusive,
+    )
+    metrics[VOC_NAMES[0]] = mean_ap(voc, use_07_metric=True)
+    metrics[VOC_NAMES[1]] = mean_ap(voc)
+    coco_ap = _per_class_ap(cocoeval)
+    names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
+    per_class = [
+        ClassMetrics(
+            name=names.get(label, str(label)),
+            category_id=int(category_id),
+            num_gt=voc[label].num_gt,
+            ap=coco_ap[label][0],
+            ap50=coco_ap[label][1],
+            voc_ap07=voc[label].ap07,
+            voc_ap=voc[label].ap,
+        )
+        for label, category_id in zip(labels, category_ids)
+    ]
+    precision50 = cocoeval.eval["precision"][int(np.argmin(np.abs(cocoeval.params.iouThrs - 0.5)))]
+    curves = {
+        row.name: (cocoeval.params.recThrs.copy(), precision50[:, k, 0, -1].copy())
+        for k, row in enumerate(per_class)
+        if (precision50[:, k, 0, -1] > -1).any()
+    }
+    return EvalResult(
+        metrics=metrics,
+        per_class=per_class,
+        detections_coco=list(detections),
+        curves=curves,
+        num_images=len(cocoeval.params.imgIds),
+        note=None if dets else NO_DETECTIONS,
+        summary=cocoeval.summary,
+    )
+
+
+# ----- inference over a data set -----
+def _as_lists(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def base_dataset(dataset: Any) -> Any:
+    """The data set that owns `coco_gt()`, looking through wrappers such as `torch.utils.data.Subset`."""
+    while not hasattr(dataset, "coco_gt") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    if not hasattr(dataset, "coco_gt"):
+        raise ValueError(
+            f"{type(dataset).__name__}: evaluation needs a data set with coco_gt() (see m2det.data.build_dataset)"
+        )
+    return dataset
+
+
+def dataset_category_ids(dataset: Any) -> list[int]:
+    """The data set's category id of each label (index label - 1): a COCO json's own ids, else the labels."""
+    ids = getattr(dataset, "category_ids", None)
+    return [int(i) for i in ids] if ids is not None else list(range(1, len(dataset.class_names) + 1))
+
+
+def is_voc(dataset: Any) -> bool:
+    """Whether the data set is Pascal VOC style (integer pixel-index boxes: the devkit's +1 convention)."""
+    from m2det.data.voc import VOCDetection
+
+    return isinstance(dataset, VOCDetection)
+
+
+def _check_classes(model: torch.nn.Module, dataset: Any) -> None:
+    names = list(dataset.class_names)
+    if model.num_classes - 1 != len(names):
+        raise ValueError(
+            f"the model predicts {model.num_classes - 1} classes but the data set has {len(names)} "
+            f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+        )
+    own = model.config.class_names
+    if own is not None and list(own) != names:
+        warnings.warn(
+            f"the model's class names {list(own)[:5]}... differ from the data set's {names[:5]}...; "
+            "labels are matched by position",
+            stacklevel=3,
+        )
+
+
+def _resolve_model(model_or_detector: Any) -> torch.nn.Module:
+    """The M2Det network itself, also when wrapped by a detector (its `.model`) or DDP (`.module`)."""
+    model = model_or_detector
+    for attribute in ("model", "module"):
+        if not hasattr(model, "forward_raw"):
+            model = getattr(model, attribute, model)
+    if not hasattr(model, "forward_raw"):
+        raise TypeError(
+            f"evaluate needs an M2Det model or a detector wrapping one, got {type(model_or_detector).__name__}"
+        )
+    return model
+
+
+def _postprocessor(model: torch.nn.Module, model_or_detector: Any, settings: Any) -> Any:
+    """Post-processing with `settings` (a `PostprocessSettings` or "paper" / "official"); without,
+    the detector's or the model's own, else the paper's."""
+    from m2det.boxes.postprocess import PostProcessor
+
+    if settings is not None:
+        return PostProcessor(model.box_coder, settings)
+    for owner in (model_or_detector, model):
+        existing = getattr(owner, "postprocessor", None)
+        if existing is not None:
+            return existing
+    return PostProcessor(model.box_coder)
+
+
+def predict(
+    model_or_detector: Any,
+    dataset: Any,
+    *,
+    batch_size: int = 8,
+    device: Union[str, torch.device, None] = None,
+    settings: Any = None,
+    progress: bool = True,
+    workers: int = 0,
+) -> list[dict[str, Any]]:
+    """Run the detector over `dataset` and return its detections in COCO results format, with the
+    data set's category ids (a COCO json's own) and boxes in the original image pixels.
+
+    The data set yields `(image, target)` with `target["image_id"]` and `target["orig_size"]`; an
+    image that a transform resized has its boxes scaled back to the original pixels.
+    """
+    detections, _ = _predict(model_or_detector, dataset, batch_size, device, settings, progress, workers)
+    return detections
+
+
+@torch.inference_mode()
+def _predict(
+    model_or_detector: Any,
+    dataset: Any,
+    batch_size: int,
+    device: Union[str, torch.device, None],
+    settings: Any,
+    progress: bool,
+    workers: int,
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Detections in COCO results format and the image ids seen, in data set order."""
+    from tqdm import tqdm
+
+    from m2det.inference.multiscale import detect_multiscale
+
+    base = base_dataset(dataset)
+    model = _resolve_model(model_or_detector)
+    _check_classes(model, base)
+    categories = dataset_category_ids(base)
+    post = _postprocessor(model, model_or_detector, settings)
+    # a Detector brings its runtime and its test-time scales and flip; a bare model runs itself once
+    backend = getattr(model_or_detector, "backend", None) or model.forward_raw
+    scales = list(getattr(model_or_detector, "sizes", None) or [model.config.input_size])
+    flip = bool(getattr(model_or_detector, "flip", False))
+    if device is not None:
+        model.to(device)
+    device = model.pixel_means.device  # also for a model without parameters (an ONNX Runtime one)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_as_lists
+    )
+    modes = {module: module.training for module in model.modules()}  # e.g. frozen BatchNorm in training
+    model.eval()
+    results: list[dict[str, Any]] = []
+    image_ids: list[int] = []
+    try:
+        with tqdm(total=len(dataset), desc="eval", unit="img", disable=not progress) as bar:
+            for images, targets in loader:
+                tensors = [torch.as_tensor(im).as_subclass(Tensor).to(device) for im in images]
+                outputs = detect_multiscale(backend, model, post, tensors, scales, flip)
+                for output, target, tensor in zip(outputs, targets, tensors):
+                    results.extend(_to_coco(output, target, tuple(tensor.shape[-2:]), categories))
+                    image_ids.append(int(target["image_id"]))
+                bar.update(len(images))
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    return results, image_ids
+
+
+def _to_coco(
+    output: dict[str, Tensor], target: dict[str, Any], size: tuple[int, int], categories: list[int]
+) -> list[dict[str, Any]]:
+    """One image's detections (xyxy in the pixels of the image given) as COCO results in original pixels."""
+    orig_h, orig_w = (int(v) for v in torch.as_tensor(target["orig_size"]).tolist())
+    scale = torch.tensor([orig_w / size[1], orig_h / size[0]] * 2)
+    boxes = output["boxes"].detach().float().cpu() * scale
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    image_id = int(target["image_id"])
+    # rounding keeps the file small (0.01 px, 1e-5 in score) and the metrics are taken on these values
+    return [
+        {
+            "image_id": image_id,
+            "category_id": categories[label - 1],
+            "bbox": [round(v, 2) for v in box],
+            "score": round(score, 5),
+        }
+        for box, score, label in zip(
+            xywh.tolist(), output["scores"].float().cpu().tolist(), output["labels"].cpu().tolist()
+        )
+    ]
+
+
+def evaluate(
+    model_or_detector: Any,
+    dataset: Any,
+    *,
+    batch_size: int = 8,
+    device: Union[str, torch.device, None] = None,
+    settings: Any = None,
+    progress: bool = True,
+    workers: int = 0,
+    max_images: Optional[int] = None,
+    voc_pixel_inclusive: Optional[bool] = None,
+) -> EvalResult:
+    """Run inference over `dataset` (or its first `max_images`) and score it (COCO + VOC metrics).
+
+    `dataset`: a data set with `coco_gt()` (e.g. `m2det.data.build_dataset(..., keep_ignored=True)`),
+    untransformed or with a resizing transform, or a `Subset` of one. `settings`: post-processing
+    settings (a `PostprocessSettings` or "paper" / "official"); default: the detector's or model's
+    own. `voc_pixel_inclusive` defaults to True for VOC data sets. `device` moves the model there.
+    Every module is left in the train/eval mode it came in.
+    """
+    base = base_dataset(dataset)
+    if max_images is not None and max_images < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(max_images))
+    start = time.perf_counter()
+    detections, image_ids = _predict(
+        model_or_detector, dataset, batch_size, device, settings, progress, workers
+    )
+    seconds = time.perf_counter() - start
+    coco_gt = base.coco_gt()
+    unknown = sorted(set(image_ids) - set(coco_gt.getImgIds()))
+    if unknown:
+        raise ValueError(
+            f"{type(base).__name__}: target image ids {unknown[:5]} are not images of its coco_gt()"
+        )
+    result = score_detections(
+        coco_gt,
+        detections,
+        category_ids=dataset_category_ids(base),
+        image_ids=image_ids,
+        voc_pixel_inclusive=is_voc(base) if voc_pixel_inclusive is None else voc_pixel_inclusive,
+    )
+    result.seconds = seconds
+    return result

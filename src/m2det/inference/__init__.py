@@ -1,0 +1,1 @@
+"""Inference on real inputs: the `Detector` API, multi-scale testing, reading images and videos."""

@@ -1,0 +1,202 @@
+"""`Detector`: a model loaded once, then detections for paths, PIL images, numpy arrays or tensors.
+
+    detector = m2det.Detector("m2det512.safetensors", device="cuda")
+    result = detector("street.jpg")   # {"boxes", "scores", "labels", "label_names"}
+
+The network runs behind a backend seam (`Backend`: normalised batch -> loc, logits), so another
+runtime can stand in for PyTorch while decoding, multi-scale merging and NMS stay the same.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from m2det.boxes.postprocess import PostProcessor, PostprocessSettings, get_settings
+from m2det.device import resolve_device
+from m2det.inference.multiscale import Backend, detect_multiscale
+from m2det.models.m2det import M2Det, pyramid_sizes
+
+DEFAULT_PRESET = "m2det320_vgg16"
+
+ImageInput = Union[str, Path, np.ndarray, Tensor, Any]  # Any: a PIL image
+
+
+class TorchBackend:
+    """The PyTorch network as a backend: a normalised batch -> `(loc, logits)`."""
+
+    def __init__(self, model: M2Det):
+        self.model = model
+
+    def __call__(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.inference_mode():
+            return self.model.forward_raw(batch)
+
+
+class Detector:
+    """Detect objects with an M2Det model.
+
+    Args:
+        weights: our `.safetensors` model file, an `.onnx` file from `m2det export` (run by ONNX
+            Runtime), or an official `.pth` checkpoint (then `preset`
+            names its architecture, e.g. "m2det512_vgg16"). None: RANDOM weights, with a warning.
+        preset: the architecture for an official checkpoint or for random weights.
+        device: where the network runs ("cpu", "cuda", "cuda:1", ...).
+        score_threshold: overrides the threshold of `settings`.
+        settings: post-processing, "paper", "official" or a `PostprocessSettings`.
+        batch_size: images per forward pass.
+        sizes: input sizes for multi-scale testing (e.g. [320, 512, 704]); None: the model's own.
+        flip: also run on the mirrored images and merge (flip testing).
+        backend: runs the network (`Backend`); default the PyTorch model.
+
+    Calling the detector with one image returns one dict, with a list of images a list of dicts:
+    `boxes` (xyxy float32, pixels of the original image), `scores`, `labels` (int64, 1-based) and
+    `label_names`. Images may be file paths, PIL images, numpy arrays in OpenCV's layout (BGR, HWC,
+    uint8, as `cv2.imread` returns them; HW grayscale too) or RGB CHW tensors (uint8, or float in
+    [0, 1]); an NCHW tensor is a batch.
+    """
+
+    def __init__(
+        self,
+        weights: Union[str, Path, None] = None,
+        preset: Optional[str] = None,
+        device: Union[str, torch.device] = "cpu",
+        score_threshold: Optional[float] = None,
+        settings: Union[str, PostprocessSettings] = "paper",
+        batch_size: int = 8,
+        sizes: Optional[Sequence[int]] = None,
+        flip: bool = False,
+        backend: Optional[Backend] = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.model = load_model_for_inference(weights, preset).to(self.device).eval()
+        chosen = get_settings(settings)
+        if score_threshold is not None:
+            chosen = chosen.replace(score_threshold=float(score_threshold))
+        self.postprocessor = PostProcessor(
+            self.model.box_coder, chosen, categories=self.model.config.categories
+        )
+        self.sizes = [int(s) for s in sizes] if sizes else [self.model.config.input_size]
+        for size in self.sizes:
+            pyramid_sizes(self.model.config, size)  # raises a clear error for a size the net cannot take
+        self.flip = bool(flip)
+        self.batch_size = int(batch_size)
+        self.backend: Backend = backend if backend is not None else TorchBackend(self.model)
+
+    @property
+    def settings(self) -> PostprocessSettings:
+        return self.postprocessor.settings
+
+    @property
+    def class_names(self) -> list[str]:
+        """Foreground class names: label l is `class_names[l - 1]`."""
+        return self.model.config.categories[1:]
+
+    def __call__(self, images: Union[ImageInput, Sequence[ImageInput]]) -> Union[dict, list[dict]]:
+        if isinstance(images, Tensor) and images.dim() == 4:
+            return self.detect(list(images))
+        if isinstance(images, (list, tuple)):
+            return self.detect(images)
+        return self.detect([images])[0]
+
+    def detect(self, images: Sequence[ImageInput]) -> list[dict]:
+        """One dict per image (see the class docstring), computed `batch_size` images at a time."""
+        results: list[dict] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            tensors = [
+                to_rgb_tensor(image, f"images[{start + i}]").to(self.device) for i, image in enumerate(chunk)
+            ]
+            with torch.inference_mode():
+                outputs = detect_multiscale(
+                    self.backend, self.model, self.postprocessor, tensors, self.sizes, self.flip
+                )
+            results += [
+                {k: v.cpu() if isinstance(v, Tensor) else v for k, v in out.items()} for out in outputs
+            ]
+        return results
+
+
+def to_rgb_tensor(image: ImageInput, where: str = "image") -> Tensor:
+    """A path, PIL image, OpenCV-style numpy array (BGR HWC uint8) or CHW tensor -> RGB CHW tensor."""
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"{where}: expected a CHW tensor with 1 or 3 channels, got {tuple(image.shape)}")
+        return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+    if isinstance(image, (str, Path)):
+        from m2det.inference.sources import read_image
+
+        image = read_image(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(
+                f"{where}: expected a uint8 array (BGR HWC, as cv2.imread gives), got {image.dtype}"
+            )
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ValueError(
+                f"{where}: expected an HWC array with 1, 3 or 4 channels, got shape {image.shape}"
+            )
+        rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., 2::-1]  # BGR(A) -> RGB
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - PIL ships with torchvision
+        Image = None  # type: ignore[assignment]
+    if Image is not None and isinstance(image, Image.Image):
+        from torchvision.transforms.functional import pil_to_tensor
+
+        return pil_to_tensor(image.convert("RGB"))
+    raise ValueError(
+        f"{where}: expected a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}"
+    )
+
+
+def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[str]) -> M2Det:
+    """Our model file, an official checkpoint with its preset, or random weights (with a warning)."""
+    from m2det.config import get_config
+    from m2det.models import build_model
+
+    if weights is None:
+        name = preset or DEFAULT_PRESET
+        warnings.warn(
+            f"no weights given: {name} has RANDOM weights, so its detections mean nothing. "
+            "Pass a .safetensors model file, or an official .pth with its preset.",
+            UserWarning,
+            stacklevel=3,
+        )
+        config = get_config(name)
+        config.backbone.weights = None
+        return build_model(config)
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".onnx":  # an `m2det export` file, run by ONNX Runtime
+        from m2det.deploy.onnx_backend import OnnxRuntimeM2Det
+
+        return OnnxRuntimeM2Det(path)
+    if path.suffix == ".safetensors":
+        from m2det.io.checkpoint import load_model
+
+        model = load_model(path)
+        if preset is not None and preset != model.config.name:
+            raise ValueError(
+                f"{path}: holds a {model.config.name} model, not {preset}; leave out the preset for .safetensors files"
+            )
+        return model
+    if preset is None:
+        raise ValueError(
+            f"{path}: an official checkpoint needs its preset (e.g. m2det512_vgg16) to know the architecture"
+        )
+    from m2det.io.official import build_official_model
+
+    return build_official_model(path, preset)

@@ -1,0 +1,124 @@
+"""What `m2det detect` reads: an image, a folder, a glob, a video file or a camera index.
+
+Images come back as OpenCV arrays (BGR, HWC, uint8), like `cv2.imread`; videos and cameras are
+read with `cv2.VideoCapture`. Files that are not images or videos are listed as unsupported with
+the reason, for the caller to report and skip.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input: `kind` is "image", "video", "camera" or "unsupported" (then `reason` says why)."""
+
+    kind: str
+    path: str  # a file path, or the camera index as text
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"camera{self.path}" if self.kind == "camera" else Path(self.path).name
+
+
+def classify(path: Union[str, Path]) -> SourceItem:
+    """An image, a video or an unsupported file, by its suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return SourceItem("image", str(path))
+    if suffix in VIDEO_SUFFIXES:
+        return SourceItem("video", str(path))
+    return SourceItem("unsupported", str(path), f"unsupported file type {suffix or '(no suffix)'!r}")
+
+
+def resolve_source(source: Union[str, Path]) -> list[SourceItem]:
+    """The inputs `source` names: a file, the files of a folder (sorted, not recursive, hidden ones
+    left out), the files a glob matches, or a camera when `source` is a number that is not a file."""
+    text = str(source)
+    path = Path(text)
+    if text.isdigit() and not path.exists():
+        return [SourceItem("camera", text)]
+    if path.is_dir():
+        return [classify(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if path.is_file():
+        return [classify(path)]
+    if glob.has_magic(text):
+        matches = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
+        files = [p for p in matches if p.is_file()]
+        if not files:
+            raise FileNotFoundError(f"no files match {text!r}")
+        return [classify(p) for p in files]
+    raise FileNotFoundError(
+        f"source not found: {text} (expected an image, a folder, a glob, a video or a camera index)"
+    )
+
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """An image file as a BGR HWC uint8 array; ValueError naming the file when it cannot be decoded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        image = _read_with_pil(path)
+    if image is None:
+        raise ValueError(f"{path}: cannot be decoded as an image")
+    return image
+
+
+def _read_with_pil(path: Path) -> Optional[np.ndarray]:
+    """PIL reads a few formats OpenCV lacks; None when it cannot either."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
+class VideoReader:
+    """Frames of a video file or a camera (BGR HWC uint8), with its frame rate and size."""
+
+    def __init__(self, item: SourceItem):
+        self.item = item
+        target: Union[int, str] = int(item.path) if item.kind == "camera" else item.path
+        self.capture = cv2.VideoCapture(target)
+        what = f"camera {item.path}" if item.kind == "camera" else item.path
+        if not self.capture.isOpened():
+            raise ValueError(f"{what}: cannot be opened as a video")
+        fps = self.capture.get(cv2.CAP_PROP_FPS)
+        self.fps = fps if fps and fps > 0 else 25.0
+        count = int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        self.frame_count: Optional[int] = count if count > 0 and item.kind == "video" else None
+
+    def frames(self, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+        read = 0
+        while max_frames is None or read < max_frames:
+            ok, frame = self.capture.read()
+            if not ok:
+                return
+            read += 1
+            yield frame
+
+    def close(self) -> None:
+        self.capture.release()
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

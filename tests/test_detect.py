@@ -1,0 +1,336 @@
+"""The Detector API, multi-scale/flip testing, drawing and `m2det detect` on images and a video."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import m2det
+from m2det.boxes.postprocess import PAPER
+from m2det.cli.common import next_run_dir
+from m2det.cli.main import app
+from m2det.inference.detector import to_rgb_tensor
+from m2det.inference.multiscale import mirror_boxes
+from m2det.inference.sources import resolve_source
+from m2det.visualize import class_color, draw_detections, label_text
+
+TINY = "m2det_tiny"
+
+
+def tiny_detector(**kwargs) -> m2det.Detector:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return m2det.Detector(preset=TINY, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    return tiny_detector(score_threshold=0.3)
+
+
+@pytest.fixture(scope="module")
+def bccd_image(bccd_root):
+    return sorted((bccd_root / "JPEGImages").glob("*.jpg"))[0]
+
+
+def equal_results(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+# ----- the Python API -----
+def test_detector_accepts_paths_pil_numpy_and_tensors(detector, bccd_image):
+    bgr = cv2.imread(str(bccd_image))
+    rgb_tensor = torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1)
+    # every input kind becomes the same RGB tensor (numpy is OpenCV's BGR)
+    for other in (str(bccd_image), bccd_image, bgr, Image.open(bccd_image)):
+        assert torch.equal(to_rgb_tensor(other), rgb_tensor)
+    gray = bgr[..., 0]
+    assert torch.equal(to_rgb_tensor(gray), torch.from_numpy(gray)[None].expand(3, -1, -1))
+    from_path = detector(str(bccd_image))
+    assert isinstance(from_path, dict) and len(from_path["boxes"]) > 0
+    assert equal_results(from_path, detector(rgb_tensor))
+    h, w = bgr.shape[:2]
+    assert (from_path["boxes"][:, 0::2] <= w).all() and (from_path["boxes"][:, 1::2] <= h).all()
+    assert from_path["label_names"] == [detector.class_names[i - 1] for i in from_path["labels"].tolist()]
+    assert len(detector.class_names) == detector.model.num_classes - 1
+
+
+def test_detector_batches_like_single_images(detector, bccd_image):
+    bgr = cv2.imread(str(bccd_image))
+    small = cv2.resize(bgr, (200, 150))
+    singles = [detector(small), detector(bgr)]
+    detector.batch_size = 2
+    try:
+        batched = detector([small, bgr])
+    finally:
+        detector.batch_size = 8
+    for single, batch in zip(singles, batched):
+        assert torch.allclose(single["boxes"], batch["boxes"], atol=1e-3)
+        assert torch.allclose(single["scores"], batch["scores"], atol=1e-5)
+
+
+def test_bad_inputs_are_clear_errors(detector, tmp_path):
+    with pytest.raises(ValueError, match=r"images\[0\].*uint8"):
+        detector([np.zeros((10, 10, 3), np.float32)])
+    with pytest.raises(ValueError, match=r"images\[1\]"):
+        detector([torch.zeros(3, 8, 8), 12])
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        detector(str(tmp_path / "missing.jpg"))
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        m2det.Detector(tmp_path / "none.safetensors")
+    (tmp_path / "official.pth").write_bytes(b"not really")
+    with pytest.raises(ValueError, match="needs its preset"):
+        m2det.Detector(tmp_path / "official.pth")
+    with pytest.raises(ValueError, match="unknown post-processing settings"):
+        tiny_detector(settings="fastest")
+    with pytest.raises(ValueError, match="too small"):
+        tiny_detector(sizes=[160])
+    with pytest.raises(ValueError, match="device"):
+        tiny_detector(device="nonsense")
+
+
+def test_random_weights_warn_loudly():
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        m2det.Detector(preset=TINY)
+
+
+def test_detector_loads_our_model_file(tmp_path, bccd_image):
+    from m2det.io.checkpoint import save_model
+
+    torch.manual_seed(1)
+    model = m2det.build_model(TINY, num_classes=4, class_names=["RBC", "WBC", "Platelets"])
+    path = save_model(model, tmp_path / "tiny.safetensors")
+    detector = m2det.Detector(path, score_threshold=0.2)
+    assert detector.class_names == ["RBC", "WBC", "Platelets"]
+    model.eval().set_postprocess(detector.settings)
+    image = torch.from_numpy(cv2.imread(str(bccd_image))[..., ::-1].copy()).permute(2, 0, 1)
+    with torch.inference_mode():
+        expected = model([image])[0]
+    got = detector(image)
+    assert equal_results(got, expected) and set(got["label_names"]) <= {"RBC", "WBC", "Platelets"}
+    with pytest.raises(ValueError, match="holds a m2det_tiny model"):
+        m2det.Detector(path, preset="m2det320_vgg16")
+
+
+# ----- multi-scale and flip -----
+def test_one_size_without_flip_equals_the_model_forward(bccd_image):
+    torch.manual_seed(2)
+    detector = tiny_detector(score_threshold=0.25, sizes=[320])
+    model = detector.model
+    model.set_postprocess(detector.settings)
+    images = [
+        torch.from_numpy(cv2.imread(str(bccd_image))[..., ::-1].copy()).permute(2, 0, 1),
+        torch.rand(3, 90, 120),
+    ]
+    with torch.inference_mode():
+        expected = model(images)
+    for got, want in zip(detector(images), expected):
+        assert len(want["boxes"]) > 0 and equal_results(got, want)
+
+
+def test_mirror_boxes():
+    boxes = torch.tensor([[10.0, 5.0, 30.0, 25.0]])
+    assert mirror_boxes(boxes, torch.tensor([100.0])).tolist() == [[70.0, 5.0, 90.0, 25.0]]
+    assert torch.equal(mirror_boxes(mirror_boxes(boxes, torch.tensor([100.0])), torch.tensor([100.0])), boxes)
+
+
+class StripeFinder:
+    """A network whose output we control: one confident class-1 box on the first-scale anchor
+    (40 x 40 grid at 320, 6 anchors per cell) under the brightest column of the input."""
+
+    def __init__(self, num_anchors: int, num_classes: int):
+        self.num_anchors, self.num_classes = num_anchors, num_classes
+        self.calls = 0
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        n = batch.shape[0]
+        logits = torch.zeros(n, self.num_anchors, self.num_classes)
+        logits[..., 0] = 10.0
+        column = batch.mean(dim=(1, 2)).argmax(dim=-1)  # [n]
+        cell = 20 * 40 + column // 8
+        logits[torch.arange(n), cell * 6, 1] = 20.0
+        return torch.zeros(n, self.num_anchors, 4), logits
+
+
+def test_flip_maps_the_mirrored_pass_back(bccd_image):
+    detector = tiny_detector(settings=PAPER.replace(nms="hard"), sizes=[320])
+    anchors = detector.model.anchors(320)
+    detector.backend = StripeFinder(anchors.shape[0], detector.model.num_classes)
+    image = torch.zeros(3, 100, 200, dtype=torch.uint8)
+    image[:, :, 30:34] = 255  # a bright stripe on the left
+    (single,) = detector([image])
+    assert detector.backend.calls == 1 and len(single["boxes"]) == 1
+    cx = single["boxes"][0, 0::2].mean()
+    assert abs(cx - 32) < 5  # the anchor under the stripe
+
+    detector.flip = True
+    (merged,) = detector([image])
+    assert detector.backend.calls == 3
+    # the mirrored pass found the stripe on the right; mapped back, it lands on the same spot and
+    # NMS merges the two into one box (unmapped, there would be a second box near x = 168)
+    assert len(merged["boxes"]) == 1
+    assert torch.allclose(merged["boxes"], single["boxes"], atol=1e-3)
+
+    # with the flipped image, the detection is the mirror of the original one
+    detector.flip = False
+    (flipped,) = detector([image.flip(-1)])
+    assert torch.allclose(flipped["boxes"], mirror_boxes(single["boxes"], torch.tensor([200.0])), atol=1e-3)
+
+
+def test_several_sizes_each_use_their_own_anchors():
+    detector = tiny_detector(settings=PAPER.replace(nms="hard"), sizes=[288, 320])
+    seen = []
+
+    def backend(batch):
+        size = batch.shape[-1]
+        seen.append(size)
+        anchors = detector.model.anchors(size)
+        logits = torch.zeros(batch.shape[0], anchors.shape[0], detector.model.num_classes)
+        logits[..., 0] = 10.0
+        logits[:, -1, 2 if size == 288 else 3] = 20.0  # the last anchor, a class per size
+        return torch.zeros(batch.shape[0], anchors.shape[0], 4), logits
+
+    detector.backend = backend
+    (result,) = detector([torch.zeros(3, 60, 80, dtype=torch.uint8)])
+    assert seen == [288, 320]
+    assert sorted(result["labels"].tolist()) == [2, 3]
+    scale = torch.tensor([80.0, 60.0, 80.0, 60.0])
+    for size, label in ((288, 2), (320, 3)):
+        cx, cy, w, h = detector.model.anchors(size)[-1].tolist()
+        expected = torch.minimum(
+            (torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]) * scale).clamp(min=0), scale
+        )
+        assert torch.allclose(result["boxes"][result["labels"] == label][0], expected, atol=1e-3)
+
+
+# ----- drawing -----
+def test_draw_detections():
+    image = torch.full((3, 60, 80), 255, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 40.0], [-5.0, 20.0, 200.0, 59.0]])
+    drawn = draw_detections(image, boxes, torch.tensor([1, 2]), torch.tensor([0.87, 0.5]), ["cell", "dot"])
+    assert drawn.dtype == torch.uint8 and drawn.shape == image.shape
+    assert tuple(drawn[:, 40, 30].tolist()) == class_color(1)  # bottom edge of the first box
+    assert tuple(drawn[:, 59, 60].tolist()) == class_color(2)  # clipped box, drawn at the border
+    assert class_color(1) != class_color(2) and class_color(3) == class_color(3 + 20)
+    assert label_text(1, 0.8712, ["cell", "dot"]) == "cell 0.87" and label_text(7, None, None) == "7"
+    assert torch.equal(draw_detections(image, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)), image)
+    with pytest.raises(ValueError, match="2 boxes, 1 labels"):
+        draw_detections(image, boxes, torch.tensor([1]))
+
+
+# ----- sources and the command -----
+@pytest.fixture
+def image_folder(tmp_path, bccd_root):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in sorted((bccd_root / "JPEGImages").glob("*.jpg"))[:3]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_resolve_source(image_folder):
+    kinds = {item.name: item.kind for item in resolve_source(image_folder)}
+    assert kinds["notes.txt"] == "unsupported" and kinds["broken.jpg"] == "image" and len(kinds) == 5
+    assert len(resolve_source(str(image_folder / "Blood*.jpg"))) == 3
+    assert resolve_source("0")[0].kind == "camera"
+    with pytest.raises(FileNotFoundError, match="source not found"):
+        resolve_source(image_folder / "nothing_here.jpg")
+
+
+def run_detect(*args):
+    return CliRunner().invoke(app, ["detect", *map(str, args), "--preset", TINY, "--score", "0.3"])
+
+
+def test_detect_folder_writes_pictures_and_json(image_folder, tmp_path):
+    out = tmp_path / "out"
+    result = run_detect(image_folder, "--out", out, "--batch", "2")
+    assert result.exit_code == 0, result.output
+    assert "skipped 2" in result.output and "broken.jpg" in result.output and "notes.txt" in result.output
+    assert "RANDOM weights" in result.output
+    report = json.loads((out / "detections.json").read_text())
+    coco = json.loads((out / "results_coco.json").read_text())
+    assert [image["id"] for image in report["images"]] == [1, 2, 3]
+    assert {s["file"].rsplit("/", 1)[-1] for s in report["skipped"]} == {"broken.jpg", "notes.txt"}
+    for image in report["images"]:
+        name = image["file"].rsplit("/", 1)[-1]
+        original = cv2.imread(str(image_folder / name))
+        drawn = cv2.imread(str(out / name))
+        assert drawn.shape == original.shape == (image["height"], image["width"], 3)
+        assert np.abs(drawn.astype(int) - original).max() > 100  # boxes were drawn
+        assert image["detections"]
+        mine = [c for c in coco if c["image_id"] == image["id"]]
+        assert len(mine) == len(image["detections"])
+        for entry, det in zip(mine, image["detections"]):
+            x1, y1, x2, y2 = det["box"]
+            assert entry["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.02)
+            assert entry["category_id"] == det["label"] and entry["score"] == det["score"]
+
+
+@pytest.fixture
+def video(tmp_path, bccd_image):
+    path = tmp_path / "clip.mp4"
+    frame = cv2.resize(cv2.imread(str(bccd_image)), (160, 120))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 5, (160, 120))
+    for i in range(5):
+        writer.write(np.roll(frame, 8 * i, axis=1))
+    writer.release()
+    return path
+
+
+def count_frames(path):
+    capture = cv2.VideoCapture(str(path))
+    frames = 0
+    while capture.read()[0]:
+        frames += 1
+    capture.release()
+    return frames
+
+
+def test_detect_video_writes_an_annotated_video(video, tmp_path):
+    out = tmp_path / "out"
+    result = run_detect(video, "--out", out, "--batch", "2")
+    assert result.exit_code == 0, result.output
+    assert count_frames(out / "clip.mp4") == 5
+    report = json.loads((out / "detections.json").read_text())
+    assert [image["frame"] for image in report["images"]] == [0, 1, 2, 3, 4]
+    assert all(image["width"] == 160 and image["height"] == 120 for image in report["images"])
+    assert "5 frames" in result.output
+
+    capped = run_detect(video, "--out", tmp_path / "capped", "--max-frames", "3", "--no-save")
+    assert capped.exit_code == 0, capped.output
+    assert not (tmp_path / "capped" / "clip.mp4").exists()
+    assert len(json.loads((tmp_path / "capped" / "detections.json").read_text())["images"]) == 3
+
+
+def test_detect_multiscale_options_and_errors(image_folder, tmp_path, monkeypatch):
+    image = next(image_folder.glob("Blood*.jpg"))
+    result = run_detect(
+        image, "--out", tmp_path / "ms", "--sizes", "288,320", "--flip", "--settings", "official"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ms" / "detections.json").read_text())
+    assert report["sizes"] == [288, 320] and report["flip"] and report["settings"]["plus_one"]
+
+    bad = run_detect(image, "--sizes", "288,abc", "--out", tmp_path / "x")
+    assert bad.exit_code == 2 and "--sizes" in bad.output
+    missing = run_detect(tmp_path / "nowhere", "--out", tmp_path / "y")
+    assert missing.exit_code == 2 and "source not found" in missing.output
+    nothing = run_detect(image_folder / "notes.txt", "--out", tmp_path / "z")
+    assert nothing.exit_code == 2 and "nothing could be read" in nothing.output
+
+    monkeypatch.chdir(tmp_path)  # the default output folder is a fresh runs/detect/expN
+    assert run_detect(image, "--no-save").exit_code == 0
+    assert (tmp_path / "runs" / "detect" / "exp1" / "detections.json").is_file()
+    assert next_run_dir(tmp_path / "runs" / "detect") == tmp_path / "runs" / "detect" / "exp2"
