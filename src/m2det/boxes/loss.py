@@ -18,7 +18,8 @@ class MultiBoxLoss:
     best anchor). `loss_box` is the smooth-L1 (beta 1) over positives of the SSD-encoded offsets;
     `loss_cls` is the cross-entropy over positives and, per image, the `neg_pos_ratio` x positives
     (at most A - 1) background anchors with the highest background loss. Both are sums divided by
-    the number of positives in the batch (at least 1).
+    the number of positives in the batch (at least 1); under DDP, by the mean over processes, so
+    training on several processes equals one process on the global batch.
 
     An image without boxes has no positives, so by default (`min_negatives=0`, the official
     behaviour) it mines no negatives and adds nothing to either loss. `min_negatives > 0` makes
@@ -53,7 +54,7 @@ class MultiBoxLoss:
 
         positive = matched_labels > 0
         num_positive = positive.sum(dim=1)
-        normalizer = num_positive.sum().clamp(min=1)
+        normalizer = global_mean(num_positive.sum().float()).clamp(min=1)
 
         loc_targets = self.box_coder.encode(matched_boxes, anchors)
         box_loss = F.smooth_l1_loss(loc, loc_targets, beta=1.0, reduction="none").sum(dim=-1)
@@ -76,6 +77,21 @@ class MultiBoxLoss:
         hardest = ranking.topk(quota, dim=1).indices  # much cheaper than a full sort for small quotas
         keep = torch.arange(quota, device=hardest.device)[None, :] < num_negative[:, None]
         return torch.zeros_like(positive).scatter_(1, hardest, keep) & ~positive
+
+
+def global_mean(value: Tensor) -> Tensor:
+    """The mean of `value` over the processes of an initialised process group (itself otherwise).
+
+    Dividing each process's loss sum by the mean positive count makes the DDP-averaged gradient
+    equal to the gradient of one process on the global batch, whatever each process's share.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
 def _unpack_targets(

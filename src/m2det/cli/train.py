@@ -1,0 +1,203 @@
+"""`m2det train`: train on a COCO / Pascal VOC / YOLO data set, on one device or under torchrun (DDP)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from m2det.cli.common import parse_overrides, user_errors
+
+ARGS_FILE = "args.yaml"  # the data arguments of a run, so that `--resume` needs nothing else
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+
+
+@user_errors
+def train(
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Training data: a COCO .json, a Pascal VOC folder or a YOLO data.yaml."
+    ),
+    val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation data (default: --data)."),
+    train_split: str = typer.Option("train", help="Split of --data to train on (VOC image set, YOLO key)."),
+    val_split: str = typer.Option("val", help="Split of the validation data to score."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="YAML with a model: section (or preset:) and/or a train: section."
+    ),
+    model: str = typer.Option("m2det320_vgg16", "--model", help="Model preset when --config has no model."),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override KEY=VALUE, e.g. train.epochs=10, train.lr=1e-3, model.mlfpn.planes=128 (repeatable).",
+    ),
+    backbone_weights: Optional[Path] = typer.Option(
+        None, "--backbone-weights", help="Local ImageNet weights for the backbone (.pth / .safetensors)."
+    ),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue a run exactly: its folder or its last_state.pt."
+    ),
+    project: Path = typer.Option(Path("runs/train"), "--project", help="Parent folder of new runs."),
+    name: str = typer.Option("exp", "--name", help="Run folder name prefix: NAME1, NAME2, ..."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or per-epoch lines."),
+) -> None:
+    """Train M2Det. Multi-GPU / multi-machine: `torchrun --nproc-per-node N -m m2det.cli.main train ...`."""
+    import yaml
+
+    from m2det.cli.common import next_run_dir
+    from m2det.engine import distributed
+    from m2det.engine.checkpoint_state import load_training_state
+    from m2det.engine.train import (
+        LAST_MODEL,
+        LAST_STATE,
+        Trainer,
+        TrainingDiverged,
+        resolve_resume,
+        seed_everything,
+    )
+    from m2det.engine.train_config import TrainConfig
+    from m2det.io.checkpoint import read_config
+    from m2det.models import build_model
+
+    model_overrides, train_overrides = split_overrides(parse_overrides(overrides))
+    info, _ = distributed.setup(device)
+    try:
+        if resume is not None:
+            if overrides or config is not None or backbone_weights is not None:
+                raise ValueError(
+                    "--resume continues a run with its own settings; --config, --set and "
+                    "--backbone-weights cannot change it (start a new run instead)"
+                )
+            run_dir = resolve_resume(resume)
+            stored = (
+                yaml.safe_load((run_dir / ARGS_FILE).read_text()) if (run_dir / ARGS_FILE).is_file() else {}
+            )
+            data_args = {
+                "data": data or stored.get("data"),
+                "val_data": val_data or stored.get("val_data"),
+                "train_split": stored.get("train_split", train_split),
+                "val_split": stored.get("val_split", val_split),
+            }
+            if not data_args["data"]:
+                raise ValueError(f"--resume {resume}: {run_dir / ARGS_FILE} is missing; give --data again")
+            model_config = read_config(run_dir / LAST_MODEL)
+            model_config.backbone.weights = None  # the checkpoint holds the trained backbone
+            train_config = TrainConfig.from_dict(load_training_state(run_dir / LAST_STATE)["train_config"])
+        else:
+            if not data:
+                raise ValueError("--data is required (a COCO .json, a Pascal VOC folder or a YOLO data.yaml)")
+            data_args = {
+                "data": str(Path(data).resolve()),
+                "val_data": str(Path(val_data).resolve()) if val_data else None,
+                "train_split": train_split,
+                "val_split": val_split,
+            }
+            if info.is_main and not val_data and Path(data).suffix.lower() == ".json":
+                typer.echo("note: no --val-data: validating on the training json itself", err=True)
+            model_config, train_config = load_configs(config, model, model_overrides, train_overrides)
+            if backbone_weights is not None:
+                if not backbone_weights.is_file():
+                    raise FileNotFoundError(f"--backbone-weights: file not found: {backbone_weights}")
+                model_config.backbone.weights = str(backbone_weights)
+            run_dir = distributed.broadcast_object(next_run_dir(project, name) if info.is_main else None)
+        train_set, val_set = build_datasets(data_args, model_config, train_config)
+        model_config = _with_classes(model_config, train_set)
+        if info.is_main and resume is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ARGS_FILE).write_text(yaml.safe_dump(data_args, sort_keys=False))
+        seed_everything(train_config.seed)  # the initial weights repeat under the seed
+        net = build_model(model_config)
+        trainer = Trainer(
+            net, train_config, train_set, val_set, run_dir=run_dir, device=device, progress=not quiet
+        )
+        try:
+            result = trainer.fit(resume=resume is not None)
+        except TrainingDiverged as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            if info.is_main:
+                typer.echo(f"\ninterrupted; continue with: m2det train --resume {run_dir}", err=True)
+            raise typer.Exit(code=130) from None
+        if info.is_main:
+            best = f"; best {train_config.best_metric} {result.best_metric:.4f} at epoch {result.best_epoch}"
+            typer.echo(f"run folder: {run_dir}" + (best if result.best_metric is not None else ""))
+    finally:
+        distributed.cleanup()
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`model.X` / `train.X` keys to their section; a bare key goes to train if it names a train field."""
+    from m2det.engine.train_config import TrainConfig
+
+    train_fields = {f.name for f in fields(TrainConfig)}
+    model_overrides: dict[str, Any] = {}
+    train_overrides: dict[str, Any] = {}
+    for key, value in overrides.items():
+        section, _, rest = key.partition(".")
+        if section == "train" and rest:
+            train_overrides[rest] = value
+        elif section == "model" and rest:
+            model_overrides[rest] = value
+        elif key in train_fields:
+            train_overrides[key] = value
+        else:
+            model_overrides[key] = value
+    return model_overrides, train_overrides
+
+
+def load_configs(
+    path: Optional[Path], preset: str, model_overrides: dict[str, Any], train_overrides: dict[str, Any]
+) -> tuple[Any, Any]:
+    """(ModelConfig, TrainConfig) from an optional YAML file, a fallback preset and overrides."""
+    import yaml
+
+    from m2det.config import ModelConfig, get_config, with_overrides
+    from m2det.engine.train_config import TrainConfig, get_train_config, with_train_overrides
+
+    if path is None:
+        return get_config(preset, **model_overrides), get_train_config("paper", **train_overrides)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: file not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    has_model = isinstance(data, dict) and ("model" in data or "train" not in data)
+    model_config = ModelConfig.from_yaml(path) if has_model else get_config(preset)
+    try:
+        model_config = with_overrides(model_config, **model_overrides)
+        train_config = with_train_overrides(TrainConfig.from_yaml(path), **train_overrides)
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"--set: {exc}") from None
+    return model_config, train_config
+
+
+def build_datasets(data_args: dict[str, Any], model_config: Any, train_config: Any) -> tuple[Any, Any]:
+    """The training set (augmented to the input size) and the validation set (original images)."""
+    from m2det.data import build_dataset
+
+    train_set = build_dataset(
+        data_args["data"],
+        data_args["train_split"],
+        transforms=train_config.train_transform(model_config.input_size),
+    )
+    val_set = build_dataset(
+        data_args["val_data"] or data_args["data"], data_args["val_split"], keep_ignored=True
+    )
+    if list(val_set.class_names) != list(train_set.class_names):
+        raise ValueError(
+            f"validation classes {val_set.class_names[:10]} differ from training classes {train_set.class_names[:10]}"
+        )
+    return train_set, val_set
+
+
+def _with_classes(model_config: Any, train_set: Any) -> Any:
+    from m2det.config import with_overrides
+
+    return with_overrides(
+        model_config, num_classes=train_set.num_classes, class_names=list(train_set.class_names)
+    )

@@ -1,0 +1,603 @@
+"""The training loop: SGD (or AdamW) with warm-up and decay, AMP on CUDA, DDP, logs, validation, checkpoints.
+
+A run folder holds `last.safetensors` + `last_state.pt` (written after every epoch, together they
+resume the run exactly), `best.safetensors` (best validation metric), optional `epoch_N.safetensors`,
+`results.csv` (one row per epoch), `tensorboard/` and `loss_curve.png`. Under DDP only rank 0
+writes. A NaN or exploding loss stops the run before the bad step is applied, so the checkpoint of
+the last finished epoch stays the last good one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Sized
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from m2det.engine import distributed
+from m2det.engine.checkpoint_state import (
+    capture_rng_state,
+    load_training_state,
+    restore_rng_state,
+    save_training_state,
+)
+from m2det.engine.schedule import build_scheduler
+from m2det.engine.train_config import TrainConfig
+from m2det.io.checkpoint import load_weights, read_metadata, save_model
+from m2det.io.torchfile import atomic_path
+
+PathLike = Union[str, Path]
+
+LAST_MODEL = "last.safetensors"
+LAST_STATE = "last_state.pt"
+BEST_MODEL = "best.safetensors"
+RESULTS_CSV = "results.csv"
+TENSORBOARD_DIR = "tensorboard"
+CONFIG_FILE = "config.yaml"
+LOSS_CURVE = "loss_curve.png"
+REPORTED_METRICS = ("AP", "AP50", "AP75")
+CSV_FIELDS = (
+    "epoch",
+    "step",
+    "lr",
+    "loss",
+    "loss_box",
+    "loss_cls",
+    "images_per_s",
+    "seconds",
+    *REPORTED_METRICS,
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf or exceeded `train.loss_limit`; the run stopped before applying the step."""
+
+
+@dataclass
+class TrainResult:
+    """What a `Trainer.fit` call did: where, how far, how well, how fast."""
+
+    run_dir: Path
+    epoch: int  # epochs completed in total
+    step: int
+    finished: bool  # all `config.epochs` done
+    metrics: dict[str, float] = field(default_factory=dict)  # the last validation
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+    seconds: float = 0.0  # wall time of this call
+    images_per_second: float = 0.0  # training throughput of this call (validation excluded)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cpu_threads(workers: int) -> int:
+    """Compute threads for CPU training: one per core not taken by a data worker (at least one).
+
+    More threads than free cores make PyTorch's CPU kernels wait on each other; on a shared
+    two-core machine that slows training down several times instead of speeding it up.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - workers)
+
+
+def resolve_resume(path: PathLike) -> Path:
+    """The run folder of `--resume PATH`: the folder itself or the folder of its `last_state.pt`."""
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    for name in (LAST_STATE, LAST_MODEL):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(
+                f"--resume {path}: {run_dir / name} not found (not a resumable run folder)"
+            )
+    return run_dir
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode, with BatchNorm layers kept in eval mode (running statistics) when `freeze_bn`."""
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+class Trainer:
+    """Trains an M2Det on a detection data set (see `m2det.data`), alone or as one DDP process.
+
+    `train_set` yields training samples already transformed to the model's square input
+    (`m2det.data.build_train_transform`); `val_set` yields images of any size with targets in
+    their original pixels and provides `coco_gt()` (it is scored by `m2det.engine.evaluate`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_set: Dataset,
+        val_set: Optional[Dataset] = None,
+        *,
+        run_dir: PathLike,
+        device: str = "auto",
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.config = config.validate()
+        self.train_set = train_set
+        self.val_set = val_set
+        self.run_dir = Path(run_dir)
+        self.device_name = device
+        self.progress = progress
+        self._check_classes()
+
+    def _check_classes(self) -> None:
+        config = self.model.config
+        names = getattr(self.train_set, "class_names", None)
+        if names is None:
+            return
+        if config.num_classes != len(names) + 1:
+            raise ValueError(
+                f"the model has num_classes={config.num_classes} (background included) but the training "
+                f"data has {len(names)} classes {list(names)[:10]}: build the model with "
+                f"num_classes={len(names) + 1}"
+            )
+        if config.class_names is None:
+            config.class_names = list(names)
+        elif list(config.class_names) != list(names):
+            raise ValueError(
+                f"the model's class_names {config.class_names[:10]} differ from the training data's "
+                f"{list(names)[:10]}"
+            )
+
+    # ----- the whole run -----
+    def fit(
+        self, resume: bool = False, stop_at_epoch: Optional[int] = None, time_limit_s: Optional[float] = None
+    ) -> TrainResult:
+        """Train to `config.epochs` (continuing from the run folder's last checkpoint if `resume`).
+
+        `stop_at_epoch` and `time_limit_s` end this call early, after a finished epoch and its
+        checkpoint, leaving a run that `resume=True` continues as if it had never stopped.
+        """
+        joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        info, device = distributed.setup(self.device_name)
+        try:
+            return _Run(self, info, device).run(resume, stop_at_epoch, time_limit_s)
+        finally:
+            if joined_here:
+                distributed.cleanup()
+
+
+class _Run:
+    """One `fit` call's state: the wrapped model, optimiser, scheduler, loader, writers and counters."""
+
+    def __init__(self, trainer: Trainer, info: distributed.DistInfo, device: torch.device) -> None:
+        self.trainer = trainer
+        self.info = info
+        self.device = device
+        self.config = trainer.config
+        self.model = trainer.model
+        self.run_dir = trainer.run_dir
+        self.epoch = 0
+        self.step = 0
+        self.best_metric: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.metrics: dict[str, float] = {}
+        self.validated_at = -1
+        self.writer: Any = None
+        self.bar: Any = None
+
+    # ----- setup -----
+    def _restore(self) -> dict[str, Any]:
+        """Read the run folder's last checkpoint: weights now, the rest returned for later."""
+        state = load_training_state(self.run_dir / LAST_STATE)
+        stored = TrainConfig.from_dict(state["train_config"])
+        if stored != self.config and self.info.is_main:
+            self._print(f"resuming with the run's own training settings from {self.run_dir / LAST_STATE}")
+        self.config = stored
+        extra = json.loads(read_metadata(self.run_dir / LAST_MODEL).get("extra", "{}"))
+        if extra.get("epoch") != state["epoch"]:
+            raise ValueError(
+                f"{self.run_dir}: {LAST_MODEL} is from epoch {extra.get('epoch')} but {LAST_STATE} from "
+                f"epoch {state['epoch']}; the run was interrupted while saving and cannot resume exactly"
+            )
+        load_weights(self.model, self.run_dir / LAST_MODEL)
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        self.metrics = dict(state["metrics"])
+        return state
+
+    def _build(self, state: Optional[dict[str, Any]]) -> None:
+        config, info = self.config, self.info
+        if config.batch_size % info.world_size:
+            raise ValueError(
+                f"train.batch_size={config.batch_size} (the global batch) must be divisible by the "
+                f"number of processes ({info.world_size})"
+            )
+        self.model.to(self.device)
+        if config.sync_bn and info.is_distributed:
+            if self.device.type != "cuda":
+                raise ValueError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.network: nn.Module = self.model
+        if info.is_distributed:
+            self.network = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.loader = self._loader()
+        self.steps_per_epoch = len(self.loader)
+        self.optimizer = config.build_optimizer(self.model.parameters())
+        self.scheduler = build_scheduler(self.optimizer, config.schedule(), self.steps_per_epoch)
+        self.use_amp = config.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
+        if state is None:
+            seed_everything(config.seed + info.rank)
+            return
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(
+                f"{self.run_dir}: the run had {state['steps_per_epoch']} steps per epoch, this one has "
+                f"{self.steps_per_epoch}; resume with the same data and train.batch_size"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        if len(rng) != info.world_size and info.is_main:
+            self._print(f"the run had {len(rng)} processes, now {info.world_size}: data order will differ")
+        restore_rng_state(rng[info.rank % len(rng)])
+
+    def _loader(self) -> DataLoader:
+        from m2det.data import collate_fn
+
+        config, info = self.config, self.info
+        per_process = config.batch_size // info.world_size
+        self.sampler = DistributedSampler(
+            self.trainer.train_set,
+            num_replicas=info.world_size,
+            rank=info.rank,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=False,
+        )
+        # Seeded again every epoch (see `_epoch`), so worker augmentation depends on (seed, epoch, rank) only.
+        self.generator = torch.Generator()
+        loader = DataLoader(
+            self.trainer.train_set,
+            batch_size=per_process,
+            sampler=self.sampler,
+            num_workers=config.workers,
+            collate_fn=collate_fn,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            generator=self.generator,
+        )
+        if len(loader) == 0:
+            size = len(self.trainer.train_set) if isinstance(self.trainer.train_set, Sized) else "?"
+            raise ValueError(
+                f"the training data has {size} images, fewer than one batch per process "
+                f"(train.batch_size={config.batch_size} over {info.world_size} process(es))"
+            )
+        return loader
+
+    def _open_logs(self, resumed: bool) -> None:
+        if not self.info.is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_text = yaml.safe_dump(
+            {"model": json.loads(self.model.config.to_json()), "train": self.config.to_dict()},
+            sort_keys=False,
+        )
+        with atomic_path(self.run_dir / CONFIG_FILE) as tmp:
+            tmp.write_text(config_text)
+        rows = [r for r in self._read_csv() if int(r["epoch"]) <= self.epoch] if resumed else []
+        self._write_csv(rows)
+        self.writer = SummaryWriter(
+            str(self.run_dir / TENSORBOARD_DIR), purge_step=self.step if resumed else None
+        )
+
+    # ----- the loop -----
+    def run(self, resume: bool, stop_at_epoch: Optional[int], time_limit_s: Optional[float]) -> TrainResult:
+        start = time.perf_counter()
+        state = self._restore() if resume else None
+        self._build(state)
+        self._open_logs(resumed=resume)
+        config = self.config
+        train_seconds, train_images = 0.0, 0
+        finished = self.epoch >= config.epochs
+        try:
+            self._open_bar()
+            while self.epoch < config.epochs:
+                epoch_start = time.perf_counter()
+                means, images = self._epoch()
+                seconds = time.perf_counter() - epoch_start
+                train_seconds += seconds
+                train_images += images
+                self.epoch += 1
+                finished = self.epoch >= config.epochs
+                stop = self._should_stop(start, stop_at_epoch, time_limit_s, finished)
+                if finished or stop or (config.eval_every and self.epoch % config.eval_every == 0):
+                    self._validate()
+                self._end_epoch(means, images / max(seconds, 1e-9), seconds)
+                if stop:
+                    break
+        finally:
+            self._close()
+        if finished and self.info.is_main:
+            self._print(
+                f"done: {self.epoch} epochs in {time.perf_counter() - start:.0f} s; run folder {self.run_dir}"
+            )
+        return TrainResult(
+            run_dir=self.run_dir,
+            epoch=self.epoch,
+            step=self.step,
+            finished=finished,
+            metrics=dict(self.metrics),
+            best_metric=self.best_metric,
+            best_epoch=self.best_epoch,
+            seconds=time.perf_counter() - start,
+            images_per_second=train_images / train_seconds if train_seconds else 0.0,
+        )
+
+    def _epoch(self) -> tuple[dict[str, float], int]:
+        """One pass over the training data; returns the mean loss terms and the images seen (all processes)."""
+        config = self.config
+        set_train_mode(self.model, config.freeze_bn)
+        self.sampler.set_epoch(self.epoch)
+        self.generator.manual_seed(config.seed * 1_000_003 + self.epoch * 1_009 + self.info.rank)
+        totals = torch.zeros(3, dtype=torch.float64)
+        steps, tick, rate = 0, time.perf_counter(), 0.0
+        for images, targets in self.loader:
+            values = self._train_step(images, targets)
+            totals += values.double().cpu()
+            steps += 1
+            self.step += 1
+            now = time.perf_counter()
+            step_rate = config.batch_size / max(now - tick, 1e-9)
+            rate = step_rate if steps == 1 else 0.9 * rate + 0.1 * step_rate
+            tick = now
+            self._log_step(values, rate)
+        means = dict(zip(("loss", "loss_box", "loss_cls"), (totals / max(steps, 1)).tolist()))
+        return means, steps * config.batch_size
+
+    def _train_step(self, images: Tensor, targets: list[dict[str, Any]]) -> Tensor:
+        """Forward, check the loss, backward, step. Returns [loss, loss_box, loss_cls] averaged over processes."""
+        config = self.config
+        images = images.to(self.device, non_blocking=True)
+        targets = [
+            {
+                "boxes": torch.as_tensor(t["boxes"]).as_subclass(Tensor).to(self.device),
+                "labels": torch.as_tensor(t["labels"]).to(self.device),
+            }
+            for t in targets
+        ]
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            losses = self.network(list(images), targets)
+        loss = losses["loss_box"] + losses["loss_cls"]
+        values = distributed.all_reduce_mean(
+            torch.stack([loss, losses["loss_box"], losses["loss_cls"]]).detach().float()
+        )
+        self._check_loss(float(values[0]))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if config.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return values
+
+    def _check_loss(self, value: float) -> None:
+        limit = self.config.loss_limit
+        if math.isfinite(value) and value <= limit:
+            return
+        reason = "not finite" if not math.isfinite(value) else f"above train.loss_limit={limit:g}"
+        last = self.run_dir / LAST_MODEL
+        if self.epoch > 0 and last.is_file():
+            kept = f"The last good checkpoint is {last} (epoch {self.epoch}); it is intact."
+        else:
+            kept = "No checkpoint had been written yet."
+        raise TrainingDiverged(
+            f"training stopped: the loss is {value:g} ({reason}) at epoch {self.epoch + 1}, step "
+            f"{self.step + 1}; the step was not applied. {kept} Try a lower train.lr, a longer "
+            f"train.warmup_epochs or train.clip_grad, or check the data."
+        )
+
+    def _should_stop(
+        self, start: float, stop_at_epoch: Optional[int], time_limit_s: Optional[float], finished: bool
+    ) -> bool:
+        if finished:
+            return False
+        stop = (stop_at_epoch is not None and self.epoch >= stop_at_epoch) or (
+            time_limit_s is not None and time.perf_counter() - start >= time_limit_s
+        )
+        return bool(distributed.broadcast_object(stop))  # rank 0's clock decides for all
+
+    def _validate(self) -> None:
+        if self.trainer.val_set is None:
+            return
+        metrics: dict[str, float] = {}
+        if self.info.is_main:
+            from m2det.engine.evaluate import evaluate
+
+            result = evaluate(
+                self.model,
+                self.trainer.val_set,
+                batch_size=max(1, self.config.batch_size // self.info.world_size),
+                progress=False,
+                workers=self.config.workers,
+            )
+            metrics = {k: float(v) for k, v in result.metrics.items()}
+        self.metrics = distributed.broadcast_object(metrics)
+        self.validated_at = self.epoch
+        value = self.metrics.get(self.config.best_metric, math.nan)
+        if math.isfinite(value) and (self.best_metric is None or value > self.best_metric):
+            self.best_metric, self.best_epoch = value, self.epoch
+            if self.info.is_main:
+                save_model(self.model, self.run_dir / BEST_MODEL, extra=self._extra())
+
+    def _extra(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "metrics": self.metrics}
+
+    def _end_epoch(self, means: dict[str, float], images_per_s: float, seconds: float) -> None:
+        """Checkpoint, log and report a finished epoch (files from rank 0 only)."""
+        rng = distributed.all_gather_objects(capture_rng_state())
+        if not self.info.is_main:
+            return
+        config = self.config
+        extra = self._extra()
+        state = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "metrics": self.metrics,
+            "world_size": self.info.world_size,
+            "train_config": config.to_dict(),
+        }
+        # Both files are written to temporary names first and renamed only when both succeeded, so a
+        # failure leaves the previous pair, which still resumes; `_restore` checks they match.
+        with (
+            atomic_path(self.run_dir / LAST_MODEL) as model_tmp,
+            atomic_path(self.run_dir / LAST_STATE) as state_tmp,
+        ):
+            save_model(self.model, model_tmp, extra=extra)
+            save_training_state(state_tmp, state)
+        if config.save_every and self.epoch % config.save_every == 0:
+            save_model(self.model, self.run_dir / f"epoch_{self.epoch:03d}.safetensors", extra=extra)
+        lr = self.optimizer.param_groups[0]["lr"]
+        evaluated = self.metrics if self.validated_at == self.epoch else {}
+        row = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": f"{lr:.6g}",
+            **{k: f"{v:.6f}" for k, v in means.items()},
+            "images_per_s": f"{images_per_s:.2f}",
+            "seconds": f"{seconds:.2f}",
+            **{k: (f"{evaluated[k]:.6f}" if k in evaluated else "") for k in REPORTED_METRICS},
+        }
+        self._write_csv([*self._read_csv(), row])
+        self.writer.add_scalar("train/images_per_s", images_per_s, self.step)
+        for key in REPORTED_METRICS:
+            if key in evaluated:
+                self.writer.add_scalar(f"val/{key}", evaluated[key], self.step)
+        self.writer.flush()
+        text = (
+            f"epoch {self.epoch}/{config.epochs}  loss {means['loss']:.4f} (box {means['loss_box']:.4f}, "
+            f"cls {means['loss_cls']:.4f})  lr {lr:.2e}  {images_per_s:.1f} img/s  {seconds:.0f} s"
+        )
+        if evaluated:
+            text += "  val " + " ".join(f"{k} {evaluated[k]:.4f}" for k in REPORTED_METRICS if k in evaluated)
+        self._print(text)
+
+    # ----- output -----
+    def _open_bar(self) -> None:
+        if not (self.info.is_main and self.trainer.progress):
+            return
+        from tqdm import tqdm
+
+        total = self.config.epochs * self.steps_per_epoch
+        self.bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+
+    def _log_step(self, values: Tensor, rate: float) -> None:
+        if not self.info.is_main:
+            return
+        loss, box, cls = values.tolist()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.step % self.config.log_every == 0:
+            for name, value in (("loss", loss), ("loss_box", box), ("loss_cls", cls), ("lr", lr)):
+                self.writer.add_scalar(f"train/{name}", value, self.step)
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}")
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}", box=f"{box:.3f}", cls=f"{cls:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}"
+            )
+            self.bar.update(1)
+
+    def _print(self, text: str) -> None:
+        if not self.trainer.progress:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _read_csv(self) -> list[dict[str, str]]:
+        path = self.run_dir / RESULTS_CSV
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _write_csv(self, rows: list[dict[str, Any]]) -> None:
+        with atomic_path(self.run_dir / RESULTS_CSV) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            if (self.run_dir / RESULTS_CSV).is_file():
+                plot_loss_curve(self.run_dir / RESULTS_CSV, self.run_dir / LOSS_CURVE)
+
+
+def plot_loss_curve(results_csv: PathLike, path: PathLike) -> Path:
+    """Training loss terms per epoch and, where measured, validation AP50 and AP, as one PNG."""
+    from matplotlib.figure import Figure
+
+    with open(results_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    epochs = [int(r["epoch"]) for r in rows]
+    for key, style in (("loss", "-"), ("loss_box", "--"), ("loss_cls", ":")):
+        axes.plot(epochs, [float(r[key]) for r in rows], style, label=key)
+    measured = [r for r in rows if r.get("AP50")]
+    title = "Training loss and validation AP" if measured else "Training loss"
+    axes.set(xlabel="epoch", ylabel="training loss", title=title)
+    axes.grid(True, alpha=0.3)
+    handles, labels = axes.get_legend_handles_labels()
+    if measured:
+        right = axes.twinx()
+        for key, marker in (("AP50", "o-"), ("AP", "s-")):
+            right.plot(
+                [int(r["epoch"]) for r in measured],
+                [float(r[key]) for r in measured],
+                marker,
+                label=f"val {key}",
+            )
+        right.set(ylabel="validation AP", ylim=(0, 1))
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    axes.legend(handles, labels, loc="upper right", fontsize="small")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path

@@ -1,0 +1,110 @@
+"""DDP: two gloo processes on the CPU end with identical weights, equal to one process on the global batch.
+
+What makes the comparison exact up to float rounding:
+* BatchNorm is kept in eval mode (`freeze_bn`): in train mode each process would normalise with the
+  statistics of its half batch, which differ from the global batch's (SyncBatchNorm would fix that
+  but PyTorch implements it for GPUs only).
+* The multibox loss divides each process's sum by the positive count averaged over the processes,
+  and DDP averages the gradients, which equals the global-batch gradient however the boxes are
+  shared out; the images here have different boxes, so the halves have different counts.
+* No augmentation; `DistributedSampler` gives the two processes the interleaved halves of the same
+  shuffled global batch the single process sees.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from m2det.engine.train import Trainer
+from m2det.engine.train_config import TrainConfig
+from train_helpers import ToyBoxes, tiny_model, weights
+
+CONFIG = dict(
+    epochs=2,
+    batch_size=4,
+    lr=0.01,
+    warmup_epochs=0,
+    milestones=[],
+    workers=0,
+    eval_every=0,
+    freeze_bn=True,
+    clip_grad=1.0,
+)
+TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # float sums in another order; observed differences ~3e-8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; more threads than free cores make them crawl."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    model = tiny_model(seed=rank)  # different initial weights per rank: DDP must broadcast rank 0's
+    Trainer(
+        model,
+        TrainConfig(**CONFIG),
+        ToyBoxes(count=8, same_layout=False),
+        run_dir=f"{out_dir}/run",
+        device="cpu",
+        progress=False,
+    ).fit()
+    torch.save(weights(model), f"{out_dir}/rank{rank}.pt")
+
+
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "ranks diverged"
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {
+        "last.safetensors",
+        "last_state.pt",
+        "results.csv",
+    }
+
+    single = tiny_model(seed=0)
+    initial = weights(single)
+    Trainer(
+        single,
+        TrainConfig(**CONFIG),
+        ToyBoxes(count=8, same_layout=False),
+        run_dir=tmp_path / "single",
+        device="cpu",
+        progress=False,
+    ).fit()
+    expected = weights(single)
+    moved = max(
+        float((expected[k] - initial[k]).abs().max()) for k in expected if expected[k].is_floating_point()
+    )
+    assert moved > 1e-3, "the weights barely moved; the comparison would prove nothing"
+    for key in expected:
+        torch.testing.assert_close(
+            rank0[key], expected[key], **TOLERANCE, msg=f"{key} differs from one process"
+        )
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])

@@ -1,0 +1,275 @@
+"""The trainer: schedules, exact resume, stopping on a bad loss, atomic checkpoints, `m2det train`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from m2det.engine.checkpoint_state import load_training_state
+from m2det.engine.schedule import LRSchedule, build_scheduler
+from m2det.engine.train import LAST_MODEL, LAST_STATE, Trainer, TrainingDiverged
+from m2det.engine.train_config import TrainConfig, get_train_config
+from m2det.io.checkpoint import load_weights, read_metadata
+from train_helpers import ToyBoxes, tiny_model, weights
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; more threads than free cores make them crawl."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ----- schedules -----
+@pytest.mark.parametrize(
+    ("epoch", "expected"),
+    [
+        (0.0, 1e-6),  # warm-up starts at the official 1e-6
+        (2.5, 1e-6 + (2e-3 - 1e-6) * 0.5),  # halfway through the 5 warm-up epochs
+        (5.0, 2e-3),
+        (89.9, 2e-3),
+        (90.0, 2e-4),  # x0.1 at 90
+        (119.0, 2e-4),
+        (120.0, 2e-5),  # x0.1 at 120
+        (149.9, 2e-5),
+    ],
+)
+def test_paper_schedule(epoch, expected):
+    config = get_train_config("paper")
+    assert (config.epochs, config.batch_size, config.momentum, config.weight_decay) == (150, 32, 0.9, 5e-4)
+    assert config.schedule().lr_at(epoch) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "expected"),
+    [
+        (1.0, 1e-6 + (4e-3 - 1e-6) / 5),
+        (5.0, 4e-3),
+        (60.0, 4e-3),
+        (90.0, 2e-3),
+        (109.0, 2e-3),
+        (110.0, 4e-4),
+        (130.0, 4e-5),
+        (150.0, 4e-6),
+        (159.9, 4e-6),
+    ],
+)
+def test_official_schedule(epoch, expected):
+    config = get_train_config("official")
+    assert config.epochs == 160
+    assert config.schedule().lr_at(epoch) == pytest.approx(expected, rel=1e-9)
+
+
+def test_cosine_schedule_and_per_iteration_scheduler():
+    schedule = LRSchedule(
+        lr=0.1, epochs=12, warmup_epochs=2, warmup_start_lr=0.0, policy="cosine", min_lr=0.01
+    )
+    assert schedule.lr_at(1.0) == pytest.approx(0.05)
+    assert schedule.lr_at(7.0) == pytest.approx(0.01 + 0.5 * 0.09)  # halfway through the cosine
+    assert schedule.lr_at(12.0) == pytest.approx(0.01)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=123.0)
+    scheduler = build_scheduler(optimizer, schedule, steps_per_epoch=4)
+    seen = []
+    for _ in range(12):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([schedule.lr_at(i / 4) for i in range(12)])
+    assert seen[4] == pytest.approx(0.05)  # epoch 1.0: halfway through the 2 warm-up epochs
+
+
+def test_train_config_from_yaml_preset_and_errors(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model:\n  preset: m2det_tiny\ntrain:\n  preset: official\n  batch_size: 16\n")
+    config = TrainConfig.from_yaml(path)
+    assert (config.lr, config.batch_size, config.milestones, config.epochs) == (
+        4e-3,
+        16,
+        [90, 110, 130, 150],
+        160,
+    )
+    path.write_text("train:\n  bacth_size: 16\n")
+    with pytest.raises(ValueError, match=r"cfg.yaml.*bacth_size"):
+        TrainConfig.from_yaml(path)
+    path.write_text("train:\n  milestones: [90, 110]\n  step_lrs: [1e-3]\n")
+    with pytest.raises(ValueError, match="step_lrs"):
+        TrainConfig.from_yaml(path)
+
+
+# ----- the loop -----
+def _config(**overrides) -> TrainConfig:
+    base = dict(
+        epochs=3, batch_size=4, lr=0.02, warmup_epochs=1, milestones=[2], workers=0, eval_every=0, log_every=1
+    )
+    return TrainConfig(**{**base, **overrides}).validate()
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = ToyBoxes(count=8, flip=True)  # random flips: the RNG state must be restored too
+    config = _config()
+    whole = tiny_model()
+    Trainer(whole, config, data, run_dir=tmp_path / "whole", device="cpu", progress=False).fit()
+
+    first = tiny_model()
+    result = Trainer(first, config, data, run_dir=tmp_path / "split", device="cpu", progress=False).fit(
+        stop_at_epoch=1
+    )
+    assert (result.epoch, result.step, result.finished) == (1, 2, False)
+    assert load_training_state(tmp_path / "split" / LAST_STATE)["epoch"] == 1
+
+    resumed = tiny_model(seed=123)  # different initial weights: everything must come from the run folder
+    result = Trainer(resumed, config, data, run_dir=tmp_path / "split", device="cpu", progress=False).fit(
+        resume=True
+    )
+    assert (result.epoch, result.step, result.finished) == (3, 6, True)
+    expected, got = weights(whole), weights(resumed)
+    assert expected.keys() == got.keys()
+    changed = [k for k in expected if not torch.equal(expected[k], weights(tiny_model())[k])]
+    assert changed, "training did not change the weights"
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    rows = (tmp_path / "split" / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2", "3"]
+    assert rows == (tmp_path / "whole" / "results.csv").read_text().splitlines()[:1] + rows[1:]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+    calls, before_bad_step = [0], {}
+
+    def snapshot(module, inputs):
+        calls[0] += 1
+        if calls[0] == 3:  # the first step of epoch 2 (two steps per epoch), before its forward
+            before_bad_step.update(weights(model))
+
+    def poison(module, inputs, output):
+        return tuple(o * float("nan") for o in output) if calls[0] == 3 else output
+
+    model.register_forward_pre_hook(snapshot)
+    model.head.register_forward_hook(poison)
+    trainer = Trainer(model, _config(), ToyBoxes(8), run_dir=tmp_path / "run", device="cpu", progress=False)
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "not finite" in message and "epoch 2, step 3" in message
+    assert str(tmp_path / "run" / LAST_MODEL) in message and "(epoch 1)" in message
+    # the bad step was not applied (its forward did move the BatchNorm running statistics) ...
+    assert all(torch.equal(before_bad_step[k], p) for k, p in model.named_parameters())
+    # ... and the checkpoint holds exactly the weights and statistics after epoch 1
+    assert json.loads(read_metadata(tmp_path / "run" / LAST_MODEL)["extra"])["epoch"] == 1
+    reloaded = tiny_model(seed=5)
+    load_weights(reloaded, tmp_path / "run" / LAST_MODEL)
+    assert all(torch.equal(before_bad_step[k], v) for k, v in weights(reloaded).items())
+    assert load_training_state(tmp_path / "run" / LAST_STATE)["epoch"] == 1
+
+
+def test_exploding_loss_stops_before_any_checkpoint(tmp_path):
+    trainer = Trainer(
+        tiny_model(),
+        _config(loss_limit=1e-3),
+        ToyBoxes(8),
+        run_dir=tmp_path / "run",
+        device="cpu",
+        progress=False,
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"above train.loss_limit=0.001.*No checkpoint had been written"
+    ):
+        trainer.fit()
+    assert not (tmp_path / "run" / LAST_MODEL).exists()
+
+
+def test_failed_checkpoint_write_leaves_previous_pair(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    config = _config()
+    Trainer(tiny_model(), config, ToyBoxes(8), run_dir=run, device="cpu", progress=False).fit(stop_at_epoch=1)
+    before = {name: (run / name).read_bytes() for name in (LAST_MODEL, LAST_STATE)}
+
+    import m2det.engine.checkpoint_state as checkpoint_state
+
+    def broken_save(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_state.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        Trainer(tiny_model(), config, ToyBoxes(8), run_dir=run, device="cpu", progress=False).fit(resume=True)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    result = Trainer(tiny_model(), config, ToyBoxes(8), run_dir=run, device="cpu", progress=False).fit(
+        resume=True
+    )
+    assert result.finished and result.epoch == 3
+
+
+def test_run_folder_contents_and_loss_curve(tmp_path):
+    model = tiny_model()
+    result = Trainer(
+        model,
+        _config(epochs=2, save_every=1),
+        ToyBoxes(8),
+        run_dir=tmp_path / "run",
+        device="cpu",
+        progress=False,
+    ).fit()
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {LAST_MODEL, LAST_STATE, "epoch_001.safetensors", "epoch_002.safetensors"} <= names
+    assert {"results.csv", "config.yaml", "loss_curve.png", "tensorboard"} <= names
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert result.images_per_second > 0 and math.isfinite(result.images_per_second)
+    assert model.config.class_names == ToyBoxes.class_names
+
+
+# ----- the command line -----
+def test_train_cli_end_to_end(tmp_path):
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app
+    from m2det.data.synthetic import ShapesConfig, generate_shapes_dataset
+    from m2det.io.checkpoint import read_config
+
+    shapes = ShapesConfig(width=64, height=64, classes=("circle", "square"), size_range=(0.3, 0.6), clutter=0)
+    data = generate_shapes_dataset(tmp_path / "shapes", num_train=8, num_val=4, config=shapes)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n  preset: m2det_tiny\n  input_size: 64\n  backbone: {width: 16}\n"
+        "  mlfpn: {num_scales: 3, planes: 32, shallow_out: 32, deep_out: 64}\n"
+        "  anchors: {steps: null, size_pattern: [0.2, 0.4, 0.7, 1.0]}\n"
+        "train:\n  preset: paper\n  batch_size: 4\n  workers: 0\n"
+    )
+    args = ["train", "--data", str(data.train.annotations), "--val-data", str(data.val.annotations)]
+    args += ["--config", str(config), "--set", "train.epochs=1", "--set", "lr=0.01", "--device", "cpu"]
+    args += ["--project", str(tmp_path / "runs"), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "exp1"
+    assert f"run folder: {run}" in result.output
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "last.safetensors",
+        "best.safetensors",
+        "last_state.pt",
+        "results.csv",
+        "config.yaml",
+        "args.yaml",
+    } <= names
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    with open(run / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert (
+        len(rows) == 1 and rows[0]["epoch"] == "1" and rows[0]["AP50"] != ""
+    )  # validated after the last epoch
+    saved = read_config(run / "best.safetensors")
+    assert (saved.num_classes, saved.class_names, saved.input_size) == (3, ["circle", "square"], 64)
+    assert load_training_state(run / "last_state.pt")["train_config"]["lr"] == 0.01
+
+    bad = CliRunner().invoke(app, [*args[:5], "--set", "train.bacth_size=2", "--quiet"])
+    assert bad.exit_code == 2 and "bacth_size" in bad.output
