@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from m2det.cli import bench, browse, convert, demo, detect, eval, export, models, train
+from m2det.cli import bench, browse, convert, demo, detect, eval, export, models, serve, train
 
 app = typer.Typer(
     help="M2Det object detection: train, evaluate, detect, export, benchmark.",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (models, convert, browse, eval, detect, train, demo, bench, export):
+for module in (models, convert, browse, eval, detect, serve, train, demo, bench, export):
     module.register(app)
 
 

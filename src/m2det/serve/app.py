@@ -1,0 +1,77 @@
+"""The FastAPI application: one loaded `Detector` answering `POST /detect` with JSON detections.
+
+The image travels as the raw request body (any format OpenCV decodes), so clients need no
+multipart encoding: `curl --data-binary @street.jpg localhost:8000/detect`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Optional
+
+import cv2
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+
+from m2det.inference.detector import Detector
+
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
+
+def detections_to_json(result: dict[str, Any], min_score: float = 0.0) -> list[dict[str, Any]]:
+    """One dict per detection: `box` [x1, y1, x2, y2] in pixels, `score`, `label`, `name`."""
+    keep = result["scores"] >= min_score
+    boxes = result["boxes"][keep].tolist()
+    scores = result["scores"][keep].tolist()
+    labels = result["labels"][keep].tolist()
+    names = [n for n, k in zip(result["label_names"], keep.tolist()) if k]
+    return [
+        {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "name": name}
+        for box, score, label, name in zip(boxes, scores, labels, names)
+    ]
+
+
+def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> FastAPI:
+    """Build the app for one detector; requests are served one network call at a time."""
+    app = FastAPI(title="m2det", description="M2Det object detection")
+    lock = threading.Lock()  # one model, one forward pass at a time
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    def model_info() -> dict[str, Any]:
+        config = detector.model.config
+        return {
+            "name": config.name,
+            "input_size": config.input_size,
+            "num_classes": config.num_classes,
+            "class_names": detector.class_names,
+            "device": str(detector.device),
+            "score_threshold": detector.settings.score_threshold,
+        }
+
+    @app.post("/detect")
+    async def detect(request: Request, min_score: Optional[float] = Query(None, ge=0.0, le=1.0)) -> dict[str, Any]:
+        body = await request.body()
+        if not body:
+            raise HTTPException(400, "empty body: send the image file's bytes as the request body")
+        if len(body) > max_image_bytes:
+            raise HTTPException(413, f"image of {len(body)} bytes exceeds the limit of {max_image_bytes}")
+        image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise HTTPException(415, "the body is not an image OpenCV can decode (JPEG, PNG, BMP, TIFF, WebP, ...)")
+        start = time.perf_counter()
+        with lock:
+            result = detector(image)
+        elapsed = (time.perf_counter() - start) * 1000
+        return {
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "time_ms": round(elapsed, 2),
+            "detections": detections_to_json(result, min_score or 0.0),
+        }
+
+    return app
