@@ -8,7 +8,7 @@ activations) on `--calib-num` images of the calibration split, then
 * times the network at batch 1 for the three in interleaved rounds (median, p25-p75).
 
     python benchmarks/int8_bccd.py MODEL.safetensors [--data ../shared/data/bccd] [--calib-split train]
-        [--calib-num 300] [--test-split test] [--threads 2] [--repeats 10] [--out DIR]
+        [--calib-num 300] [--calib-method minmax] [--float-heads] [--test-split test] [--threads 2] [--repeats 10] [--out DIR]
 
 The same comparison from the command line:
     m2det export fp32.onnx --weights MODEL.safetensors
@@ -29,7 +29,7 @@ from m2det.data import build_dataset
 from m2det.deploy import optimize_for_inference
 from m2det.deploy.export import export_onnx
 from m2det.deploy.onnx_backend import OnnxRuntimeM2Det
-from m2det.deploy.quantize import calibration_reader, quantize_onnx, report_dict
+from m2det.deploy.quantize import CALIBRATION_METHODS, calibration_reader, quantize_onnx, report_dict
 from m2det.engine.bench import Stopwatch
 from m2det.engine.evaluate import evaluate
 from m2det.io.checkpoint import load_model
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--calib-split", default="train")
     parser.add_argument("--calib-num", type=int, default=300)
+    parser.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
+    parser.add_argument("--float-heads", action="store_true", help="keep the loc/conf head convs in float")
     parser.add_argument("--test-split", default="test")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=10)
@@ -63,7 +65,14 @@ def main() -> None:
     export_onnx(model, fp32_path)
     reader = calibration_reader(fp32_path, args.data, args.calib_split, args.calib_num)
     print(f"calibrating on {len(reader)} images of {args.data.name}/{args.calib_split} ...")
-    quantization = quantize_onnx(fp32_path, int8_path, reader, source=f"{args.data.name}/{args.calib_split}")
+    quantization = quantize_onnx(
+        fp32_path,
+        int8_path,
+        reader,
+        source=f"{args.data.name}/{args.calib_split}",
+        calibration=args.calib_method,
+        float_heads=args.float_heads,
+    )
     print(quantization.summary())
 
     runtimes = {

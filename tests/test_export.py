@@ -187,6 +187,15 @@ def test_int8_calibrates_on_the_data_and_quantises_every_conv(bccd_root, onnx_fi
     corr = np.corrcoef(fp32_logits.flatten().numpy(), int8_logits.flatten().numpy())[0, 1]
     assert corr > 0.99 and math.isfinite(corr)
 
+    reader.rewind()
+    heads = quantize_onnx(
+        onnx_file, tmp_path / "int8_heads.onnx", reader, calibration="percentile", float_heads=True
+    )
+    # the 2 x 6 loc/conf head convs stay in float, every other conv is quantised
+    assert heads.float_ops["Conv"] == 12
+    assert heads.quantized_ops["Conv"] == convs - 12
+    assert heads.settings["heads"] == "float" and "percentile" in heads.settings["activations"]
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -194,6 +203,7 @@ def test_int8_calibrates_on_the_data_and_quantises_every_conv(bccd_root, onnx_fi
         (["--format", "tflite"], "--format must be one of"),
         (["--format", "torchscript", "--int8"], "--int8 is for --format onnx"),
         (["--int8"], "--int8 needs --calib-data"),
+        (["--int8", "--calib-data", "x", "--calib-method", "mse"], "--calib-method must be one of"),
     ],
 )
 def test_export_cli_refuses_bad_options(tmp_path, args, message):

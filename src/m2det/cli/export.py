@@ -39,6 +39,12 @@ def export(
     ),
     calib_split: str = typer.Option("train", "--calib-split", help="--int8: VOC image set / YOLO split."),
     calib_num: int = typer.Option(300, "--calib-num", min=1, help="--int8: calibration images."),
+    calib_method: str = typer.Option(
+        "minmax", "--calib-method", help="--int8: activation ranges by minmax, percentile or entropy."
+    ),
+    float_heads: bool = typer.Option(
+        False, "--float-heads/--int8-heads", help="--int8: keep the loc/conf head convs in float."
+    ),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare the file's outputs with PyTorch."),
 ) -> None:
     """Export with a dynamic batch dimension and box decoding in the graph; the input convention,
@@ -56,6 +62,11 @@ def export(
         raise ValueError(
             "--int8 needs --calib-data: images of your data set to calibrate the activation ranges"
         )
+    if int8:
+        from m2det.deploy.quantize import CALIBRATION_METHODS
+
+        if calib_method not in CALIBRATION_METHODS:
+            raise ValueError(f"--calib-method must be one of {CALIBRATION_METHODS}, got {calib_method!r}")
     model = load_model_for_inference(weights, preset).eval()
     graph_nms = GraphNMS(nms_score, nms_iou, nms_max) if nms else None
     if fmt == "torchscript":
@@ -70,7 +81,14 @@ def export(
             report = export_onnx(model, fp32, input_size=size, nms=graph_nms, check=check)
             reader = calibration_reader(fp32, calib_data, calib_split, calib_num)
             typer.echo(f"calibrating on {len(reader)} images of {calib_data} ({calib_split}) ...")
-            quantized = quantize_onnx(fp32, output, reader, source=f"{calib_data} ({calib_split})")
+            quantized = quantize_onnx(
+                fp32,
+                output,
+                reader,
+                source=f"{calib_data} ({calib_split})",
+                calibration=calib_method,
+                float_heads=float_heads,
+            )
         typer.echo(quantized.summary())
     if check and report.relative_error:
         errors = ", ".join(f"{name} {err:.1e}" for name, err in report.relative_error.items())

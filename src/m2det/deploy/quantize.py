@@ -31,6 +31,8 @@ from m2det.io.torchfile import atomic_path
 # Ops quantised (when their neighbours allow): the convolutions carry the work, the rest lets
 # int8 tensors flow between convolutions without a round trip through float.
 QUANTIZED_OP_TYPES = ("Conv", "MaxPool", "Concat", "Resize", "Add", "Mul", "Relu")
+# How activation ranges are set from the calibration images (ONNX Runtime's CalibrationMethod).
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 @dataclass
@@ -102,8 +104,9 @@ def calibration_reader(
     return DatasetCalibrationReader(dataset, model.normalize, num_images, seed)
 
 
-def _tail_nodes(graph: Any) -> list[str]:
-    """Names of the non-Conv nodes from which no Conv can be reached: decoding, softmax, reshapes."""
+def _tail_nodes(graph: Any, last_convs: bool = False) -> list[str]:
+    """Names of the nodes from which no Conv can be reached (the reshapes and concats that gather
+    the heads' outputs); with `last_convs`, the convs among them too (the loc/conf heads)."""
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(graph.node):
         for name in node.input:
@@ -116,7 +119,11 @@ def _tail_nodes(graph: Any) -> list[str]:
             for out in nodes[index].output
             for child in consumers.get(out, [])
         )
-    return [node.name for node, reaches in zip(nodes, reaches_conv) if node.op_type != "Conv" and not reaches]
+    return [
+        node.name
+        for node, reaches in zip(nodes, reaches_conv)
+        if not reaches and (last_convs or node.op_type != "Conv")
+    ]
 
 
 def split_network(proto: Any) -> tuple[Any, list[Any], list[Any]]:
@@ -180,8 +187,15 @@ def quantize_onnx(
     source: str = "",
     per_channel: bool = True,
     op_types: tuple[str, ...] = QUANTIZED_OP_TYPES,
+    calibration: str = "minmax",
+    float_heads: bool = False,
 ) -> QuantizationReport:
-    """Quantise the FP32 model at `fp32_path` (written by `export_onnx`) to `int8_path` (QDQ, static)."""
+    """Quantise the FP32 model at `fp32_path` (written by `export_onnx`) to `int8_path` (QDQ, static).
+
+    `calibration` picks how activation ranges are set (one of CALIBRATION_METHODS); `float_heads`
+    keeps the loc/conf head convolutions in float, which costs little time and protects the
+    small score differences that ranking depends on.
+    """
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -191,6 +205,13 @@ def quantize_onnx(
         quantize_static,
     )
 
+    if calibration not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration must be one of {CALIBRATION_METHODS}, got {calibration!r}")
+    calibrate_method = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[calibration]
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     start = time.perf_counter()
     original = onnx.load(str(fp32_path))
@@ -198,7 +219,8 @@ def quantize_onnx(
     settings = {
         "format": "QDQ",
         "weights": "int8, symmetric, " + ("per channel" if per_channel else "per tensor"),
-        "activations": "uint8, per tensor, min-max calibration",
+        "activations": f"uint8, per tensor, {calibration} calibration",
+        "heads": "float" if float_heads else "int8",
         "op_types": list(op_types),
     }
 
@@ -207,7 +229,7 @@ def quantize_onnx(
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save(network, str(Path(tmp) / "network.onnx"))
         quant_pre_process(str(Path(tmp) / "network.onnx"), str(prepared), skip_symbolic_shape=False)
-        excluded = _tail_nodes(onnx.load(str(prepared)).graph)
+        excluded = _tail_nodes(onnx.load(str(prepared)).graph, last_convs=float_heads)
         reader.rewind()
         output = Path(tmp) / "int8.onnx"
         quantize_static(
@@ -220,7 +242,7 @@ def quantize_onnx(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=excluded,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=calibrate_method,
             extra_options={"WeightSymmetric": True},
         )
         proto = onnx.load(str(output))
