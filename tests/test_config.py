@@ -43,6 +43,23 @@ def test_unknown_field_is_named(tmp_path):
         ModelConfig.from_yaml(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"c.yaml: empty config file"),
+        ("- a\n- b\n", r"c.yaml: expected a mapping at the top level, got list"),
+        ("preset: [unclosed\n", r"c.yaml: not valid YAML"),
+    ],
+)
+def test_bad_config_files_are_named(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_yaml(path)
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        ModelConfig.from_yaml(tmp_path / "missing.yaml")
+
+
 def test_invalid_values_are_named():
     with pytest.raises(ValueError, match="planes"):
         get_config("m2det320_vgg16", mlfpn={"planes": 7})

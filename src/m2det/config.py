@@ -138,14 +138,9 @@ class ModelConfig:
     def from_yaml(cls, path: Union[str, Path]) -> ModelConfig:
         """Read a config file: either a full config or `preset: NAME` plus overrides."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        data = read_yaml_mapping(path)
+        if not data:
+            raise ValueError(f"{path}: empty config file; expected `preset: NAME` or a full model config")
         data = data.get("model", data)
         preset = data.pop("preset", None)
         try:
@@ -166,6 +161,22 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def read_yaml_mapping(path: Union[str, Path]) -> dict[str, Any]:
+    """The top-level mapping of a YAML file ({} for an empty one), with errors that name the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:

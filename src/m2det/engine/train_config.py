@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from m2det.config import dataclass_from_dict
+from m2det.config import dataclass_from_dict, read_yaml_mapping
 from m2det.engine.schedule import LRSchedule
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -129,15 +129,7 @@ class TrainConfig:
     def from_yaml(cls, path: Union[str, Path]) -> TrainConfig:
         """The `train:` section of a YAML file (the paper's defaults when the file has none)."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        section = data.get("train") or {}
+        section = read_yaml_mapping(path).get("train") or {}
         try:
             return cls.from_dict(section)
         except (TypeError, ValueError, KeyError) as exc:
