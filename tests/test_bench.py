@@ -45,7 +45,12 @@ def check_result(result: dict, batches: list[int], repeats: int) -> None:
 def test_bench_pytorch_writes_every_field():
     result = run_bench(
         BenchSettings(
-            model="m2det_tiny", num_classes=4, batch_sizes=(2, 1), warmup=1, repeats=2, boxes_above_threshold=150
+            model="m2det_tiny",
+            num_classes=4,
+            batch_sizes=(2, 1),
+            warmup=1,
+            repeats=2,
+            boxes_above_threshold=150,
         )
     )
     check_result(result, [1, 2], 2)
@@ -98,7 +103,12 @@ def test_synthesis_refuses_more_boxes_than_anchors():
 
 def test_timing_summary():
     t = Timing.of([0.004, 0.001, 0.003, 0.002, 0.005])
-    assert (t.median_ms, t.min_ms, t.max_ms, t.runs) == (pytest.approx(3.0), pytest.approx(1.0), pytest.approx(5.0), 5)
+    assert (t.median_ms, t.min_ms, t.max_ms, t.runs) == (
+        pytest.approx(3.0),
+        pytest.approx(1.0),
+        pytest.approx(5.0),
+        5,
+    )
     assert t.p25_ms == pytest.approx(2.0) and t.p75_ms == pytest.approx(4.0)
 
 

@@ -41,7 +41,10 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
     ("name", "overrides"),
     [
         ("m2det_tiny", {"num_classes": 4}),
-        ("m2det_tiny", {"num_classes": 4, "mlfpn": {"shared_leach": False, "sfam": True, "sfam_reduction": 4}}),
+        (
+            "m2det_tiny",
+            {"num_classes": 4, "mlfpn": {"shared_leach": False, "sfam": True, "sfam_reduction": 4}},
+        ),
         # the full VGG16 backbone behind a thin MLFPN: batch 1 keeps it quick
         ("m2det320_vgg16", {"num_classes": 3, "mlfpn": {**THIN_VGG["mlfpn"], "sfam": True}}),
     ],
@@ -88,7 +91,9 @@ def test_shared_leach_stays_one_module_after_folding():
 def test_eval_forward_gives_the_same_detections():
     model = with_trained_statistics(m2det.build_model("m2det_tiny", num_classes=4))
     fast = optimize_for_inference(model)
-    images = [torch.randint(0, 256, (3, 240, 300), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))]
+    images = [
+        torch.randint(0, 256, (3, 240, 300), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    ]
     with torch.no_grad():
         expected = model(images)[0]
     actual = fast(images)[0]

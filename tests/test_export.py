@@ -143,7 +143,9 @@ def test_detector_runs_the_onnx_model_like_the_pytorch_one(model, onnx_file, tmp
     from m2det.io.checkpoint import save_model
 
     weights = save_model(model, tmp_path / "tiny.safetensors")
-    image = torch.randint(0, 256, (3, 200, 260), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    image = torch.randint(
+        0, 256, (3, 200, 260), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
     expected = m2det.Detector(weights, settings="official")(image)
     onnx_detector = m2det.Detector(onnx_file, settings="official")
     got = onnx_detector(image)

@@ -28,13 +28,17 @@ class AnchorGenerator:
         self.config = config
         self._cache: dict[tuple[int, tuple[int, ...], bool], Tensor] = {}
 
-    def __call__(self, image_size: int, feature_sizes: Sequence[int], native_size: Optional[int] = None) -> Tensor:
+    def __call__(
+        self, image_size: int, feature_sizes: Sequence[int], native_size: Optional[int] = None
+    ) -> Tensor:
         """Anchors for a square input of `image_size` whose pyramid has `feature_sizes`.
 
         The configured `steps` hold for one input size only (`native_size`, the model's own); at
         any other size each step is derived from its feature map, so centres stay on the cells.
         """
-        use_steps = self.config.steps is not None and (native_size is None or int(native_size) == int(image_size))
+        use_steps = self.config.steps is not None and (
+            native_size is None or int(native_size) == int(image_size)
+        )
         key = (int(image_size), tuple(int(f) for f in feature_sizes), use_steps)
         if key not in self._cache:
             self._cache[key] = self._generate(*key)

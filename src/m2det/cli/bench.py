@@ -91,7 +91,9 @@ def bench(
         reference=reference,
     )
     result = run_bench(settings_obj, log=lambda message: typer.echo(f"  {message}", err=True))
-    path = write_result(result, out if out is not None else next_run_dir(Path("runs") / "bench") / "bench.json")
+    path = write_result(
+        result, out if out is not None else next_run_dir(Path("runs") / "bench") / "bench.json"
+    )
     _print(result)
     typer.echo(f"wrote {path}")
 

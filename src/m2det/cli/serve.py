@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def serve(
-    weights: Optional[Path] = typer.Option(None, help="Our .safetensors model, or an official .pth with --preset."),
+    weights: Optional[Path] = typer.Option(
+        None, help="Our .safetensors model, or an official .pth with --preset."
+    ),
     preset: Optional[str] = typer.Option(None, help="Architecture for an official .pth (or random weights)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     score: Optional[float] = typer.Option(None, help="Score threshold (default: the settings' own)."),

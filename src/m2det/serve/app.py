@@ -54,7 +54,9 @@ def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> Fa
         }
 
     @app.post("/detect")
-    async def detect(request: Request, min_score: Optional[float] = Query(None, ge=0.0, le=1.0)) -> dict[str, Any]:
+    async def detect(
+        request: Request, min_score: Optional[float] = Query(None, ge=0.0, le=1.0)
+    ) -> dict[str, Any]:
         body = await request.body()
         if not body:
             raise HTTPException(400, "empty body: send the image file's bytes as the request body")
@@ -62,7 +64,9 @@ def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> Fa
             raise HTTPException(413, f"image of {len(body)} bytes exceeds the limit of {max_image_bytes}")
         image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
         if image is None:
-            raise HTTPException(415, "the body is not an image OpenCV can decode (JPEG, PNG, BMP, TIFF, WebP, ...)")
+            raise HTTPException(
+                415, "the body is not an image OpenCV can decode (JPEG, PNG, BMP, TIFF, WebP, ...)"
+            )
         start = time.perf_counter()
         with lock:
             result = detector(image)
