@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -159,6 +162,11 @@ def test_convert_cli_writes_a_loadable_model(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
+    # written atomically, yet with the permissions a plain open() gives (safetensors alone makes 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     model = load_model(out).eval()
     assert model.config.num_classes == 4 and model.config.mlfpn.num_levels == 2
     x = torch.randn(1, 3, 320, 320)

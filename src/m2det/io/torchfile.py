@@ -62,13 +62,16 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    # mkstemp makes owner-only files; give the result the permissions a plain open() would
+    # mkstemp makes owner-only files (and so do writers that replace the file, like safetensors');
+    # give the result the permissions a plain open() would
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
