@@ -5,7 +5,7 @@ activations) on `--calib-num` images of the calibration split, then
 
 * scores PyTorch, ONNX Runtime FP32 and ONNX Runtime INT8 on the test split with
   `m2det.engine.evaluate.evaluate` (what `m2det eval` runs): mAP@0.5 (COCO AP50 and VOC AP),
-* times the network at batch 1 for the three in interleaved rounds (median, p25-p75).
+* times the network at batch 1 for each, one runtime at a time (median, p25-p75).
 
     python benchmarks/int8_bccd.py MODEL.safetensors [--data ../shared/data/bccd] [--calib-split train]
         [--calib-num 300] [--calib-method minmax] [--float-heads] [--test-split test] [--threads 2] [--repeats 10] [--out DIR]
@@ -89,14 +89,14 @@ def main() -> None:
     size = model.config.input_size
     x = model.normalize(torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
     fns = {name: (lambda runtime=runtime: runtime.forward_raw(x)) for name, runtime in runtimes.items()}
-    for fn in fns.values():
-        fn()
-        fn()
-    timings = Stopwatch(torch.device("cpu")).interleaved(fns, args.repeats)
-
+    stopwatch = Stopwatch(torch.device("cpu"))
+    # One runtime at a time: on few cores, the thread pool of the runtime that just ran (PyTorch's
+    # OpenMP threads, ONNX Runtime's spinning workers) keeps the cores busy for a while after each
+    # call and would slow whichever runs right after it in an interleaved loop.
+    timings = {name: stopwatch.repeat(fn, warmup=3, repeats=args.repeats) for name, fn in fns.items()}
     print(
         f"\n{model.config.name} at {size}, {len(test_set)} {args.test_split} images, {torch.get_num_threads()} threads; "
-        f"network at batch 1, median of {args.repeats} interleaved rounds"
+        f"network at batch 1, median of {args.repeats} runs each"
     )
     print(
         f"{'runtime':18s} {'AP50':>7s} {'VOC AP':>7s} {'COCO AP':>8s} {'ms':>8s} {'p25-p75 ms':>15s} {'speed-up':>8s}"
