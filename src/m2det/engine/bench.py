@@ -5,7 +5,8 @@ convolution throughput measured in the same run.
 Every figure is the median over repeated runs after warm-up, with its spread. The reference is
 one 3x3 conv, 256 -> 256 channels at 40x40 (the size of M2Det320's largest pyramid level), at
 the same batch, threads, dtype and memory format; its runs are interleaved with the network's,
-so both see the same machine load. Post-processing runs on a realistic load: predictions
+so both see the same machine load (with ONNX Runtime they run back to back instead, as two thread
+pools interleaved on few cores slow each other). Post-processing runs on a realistic load: predictions
 synthesised so that a stated number of (anchor, class) scores pass the threshold, clustered
 around objects as a trained detector's are (or, on request, the network's own output).
 """
@@ -417,7 +418,12 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
         if ref_run is not None:
             ref_run()
             fns["reference"] = ref_run
-        timings = timer.interleaved(fns, settings.repeats, calls={"reference": 3})
+        if settings.backend == "pytorch":
+            timings = timer.interleaved(fns, settings.repeats, calls={"reference": 3})
+        else:
+            # Back to back, not interleaved: PyTorch's OpenMP threads keep spinning for a while after
+            # the reference conv and would take the cores from the other runtime's next call.
+            timings = {name: timer.repeat(fn, settings.warmup, settings.repeats) for name, fn in fns.items()}
         t = timings["network"]
         row: dict[str, Any] = {
             "batch": batch,
@@ -465,7 +471,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
         "throughput": throughput,
         "reference_conv": {
             **REFERENCE_CONV,
-            "what": "one 3x3 conv (PyTorch) at each batch size, same threads/dtype/memory format, runs interleaved with the network's",
+            "what": "one 3x3 conv (PyTorch) at each batch size, same threads/dtype/memory format, runs interleaved with the network's (PyTorch) or right after them (ONNX Runtime)",
             "channels_last": channels_last,
             "dtype": str(ref_dtype or torch.float32).removeprefix("torch."),
         },
