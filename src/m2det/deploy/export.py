@@ -206,6 +206,15 @@ def _compare(
             raise RuntimeError(
                 f"exported output {name!r} has shape {tuple(a.shape)}, PyTorch {tuple(b.shape)}"
             )
+        # Untrained weights can overflow the box decoding's exp; such entries must overflow alike.
+        finite = torch.isfinite(b)
+        if not torch.equal(torch.isfinite(a), finite) or not torch.allclose(
+            a[~finite], b[~finite], equal_nan=True
+        ):
+            raise RuntimeError(
+                f"exported output {name!r} has infinite or NaN values where PyTorch has none (or the reverse)"
+            )
+        a, b = a[finite], b[finite]
         error = float((a - b).abs().max()) if a.numel() else 0.0
         scale = float(b.abs().max()) if b.numel() else 0.0
         report.max_abs_error[name] = error
