@@ -5,8 +5,8 @@ convolution throughput measured in the same run.
 Every figure is the median over repeated runs after warm-up, with its spread. The reference is
 one 3x3 conv, 256 -> 256 channels at 40x40 (the size of M2Det320's largest pyramid level), at
 the same batch, threads, dtype and memory format; its runs are interleaved with the network's,
-so both see the same machine load (with ONNX Runtime they run back to back instead, as two thread
-pools interleaved on few cores slow each other). Post-processing runs on a realistic load: predictions
+so both see the same machine load (with ONNX Runtime, the reference runs just before the network
+instead, as two thread pools interleaved on few cores slow each other). Post-processing runs on a realistic load: predictions
 synthesised so that a stated number of (anchor, class) scores pass the threshold, clustered
 around objects as a trained detector's are (or, on request, the network's own output).
 """
@@ -36,6 +36,8 @@ from m2det.boxes.coder import BoxCoder
 
 BACKENDS = ("pytorch", "onnxruntime")
 REFERENCE_CONV = {"in_channels": 256, "out_channels": 256, "kernel": 3, "size": 40}
+# Pause between the timing blocks of two runtimes, long enough for a thread pool to stop spinning.
+SETTLE_S = 1.0
 BACKGROUND_LOGIT = 0.0
 SUPPRESSED_LOGIT = -12.0  # a foreground logit whose probability stays far below any threshold
 
@@ -421,9 +423,12 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
         if settings.backend == "pytorch":
             timings = timer.interleaved(fns, settings.repeats, calls={"reference": 3})
         else:
-            # Back to back, not interleaved: PyTorch's OpenMP threads keep spinning for a while after
-            # the reference conv and would take the cores from the other runtime's next call.
-            timings = {name: timer.repeat(fn, settings.warmup, settings.repeats) for name, fn in fns.items()}
+            # Back to back, not interleaved: each runtime's thread pool keeps spinning for a while
+            # after a call and would take the cores from the other's next call; a pause lets it sleep.
+            timings = {}
+            for name in sorted(fns, key=lambda name: name != "reference"):
+                time.sleep(SETTLE_S)
+                timings[name] = timer.repeat(fns[name], max(1, settings.warmup), settings.repeats)
         t = timings["network"]
         row: dict[str, Any] = {
             "batch": batch,
@@ -471,7 +476,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
         "throughput": throughput,
         "reference_conv": {
             **REFERENCE_CONV,
-            "what": "one 3x3 conv (PyTorch) at each batch size, same threads/dtype/memory format, runs interleaved with the network's (PyTorch) or right after them (ONNX Runtime)",
+            "what": "one 3x3 conv (PyTorch) at each batch size, same threads/dtype/memory format, runs interleaved with the network's (PyTorch) or just before them (ONNX Runtime)",
             "channels_last": channels_last,
             "dtype": str(ref_dtype or torch.float32).removeprefix("torch."),
         },
