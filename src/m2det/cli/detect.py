@@ -149,13 +149,12 @@ class DetectRun:
 
     # ----- the loop -----
     def process(self, items: list) -> None:
-        from tqdm import tqdm
-
         from m2det.inference.sources import read_image
+        from m2det.progress import progress_bar
 
         start = time.perf_counter()
         num_files = sum(item.kind == "image" for item in items)
-        with tqdm(total=num_files, unit="img", desc="detect", disable=None if self.progress else True) as bar:
+        with progress_bar(total=num_files, unit="img", desc="detect", enabled=self.progress) as bar:
             self._bar = bar
             pending: list[tuple[str, Any]] = []
             for item in items:

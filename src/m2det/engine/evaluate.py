@@ -465,9 +465,8 @@ def _predict(
     workers: int,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Detections in COCO results format and the image ids seen, in data set order."""
-    from tqdm import tqdm
-
     from m2det.inference.multiscale import detect_multiscale
+    from m2det.progress import progress_bar
 
     base = base_dataset(dataset)
     model = _resolve_model(model_or_detector)
@@ -489,7 +488,7 @@ def _predict(
     results: list[dict[str, Any]] = []
     image_ids: list[int] = []
     try:
-        with tqdm(total=len(dataset), desc="eval", unit="img", disable=not progress) as bar:
+        with progress_bar(total=len(dataset), desc="eval", unit="img", enabled=progress) as bar:
             for images, targets in loader:
                 tensors = [torch.as_tensor(im).as_subclass(Tensor).to(device) for im in images]
                 outputs = detect_multiscale(backend, model, post, tensors, scales, flip)

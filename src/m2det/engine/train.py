@@ -37,6 +37,7 @@ from m2det.engine.schedule import build_scheduler
 from m2det.engine.train_config import TrainConfig
 from m2det.io.checkpoint import load_weights, read_metadata, save_model
 from m2det.io.torchfile import atomic_path
+from m2det.progress import progress_bar
 
 PathLike = Union[str, Path]
 
@@ -516,10 +517,8 @@ class _Run:
     def _open_bar(self) -> None:
         if not (self.info.is_main and self.trainer.progress):
             return
-        from tqdm import tqdm
-
         total = self.config.epochs * self.steps_per_epoch
-        self.bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+        self.bar = progress_bar(total=total, initial=self.step, unit="step", desc="train")
 
     def _log_step(self, values: Tensor, rate: float) -> None:
         if not self.info.is_main:
