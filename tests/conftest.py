@@ -47,3 +47,12 @@ def bccd_root() -> Path:
     if not BCCD.is_dir():
         pytest.skip(f"shared BCCD data not found at {BCCD}")
     return BCCD
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; more threads than free cores make them crawl."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

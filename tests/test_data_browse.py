@@ -8,25 +8,15 @@ from typer.testing import CliRunner
 from m2det.cli.main import app
 
 
+def _browse(root, out):
+    """Three validation samples at 96 pixels, seed 1."""
+    args = ["browse-data", str(root), "--split", "val", "--num", "3", "--out", str(out)]
+    return CliRunner().invoke(app, [*args, "--size", "96", "--seed", "1"])
+
+
 def test_browse_data_writes_n_images(bccd_root, tmp_path):
     out = tmp_path / "look"
-    result = CliRunner().invoke(
-        app,
-        [
-            "browse-data",
-            str(bccd_root),
-            "--split",
-            "val",
-            "--num",
-            "3",
-            "--out",
-            str(out),
-            "--size",
-            "96",
-            "--seed",
-            "1",
-        ],
-    )
+    result = _browse(bccd_root, out)
     assert result.exit_code == 0, result.output
     written = sorted(out.glob("*.png"))
     assert len(written) == 3 and str(out.resolve()) in result.output
@@ -35,23 +25,7 @@ def test_browse_data_writes_n_images(bccd_root, tmp_path):
         with Image.open(path) as image:
             assert image.size == (96, 96) and image.mode == "RGB"
     again = tmp_path / "again"
-    CliRunner().invoke(
-        app,
-        [
-            "browse-data",
-            str(bccd_root),
-            "--split",
-            "val",
-            "--num",
-            "3",
-            "--out",
-            str(again),
-            "--size",
-            "96",
-            "--seed",
-            "1",
-        ],
-    )
+    _browse(bccd_root, again)
     assert [p.read_bytes() for p in written] == [p.read_bytes() for p in sorted(again.glob("*.png"))]
 
 

@@ -38,13 +38,7 @@ CONFIG = dict(
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # float sums in another order; observed differences ~3e-8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more threads than free cores make them crawl."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:

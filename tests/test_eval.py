@@ -276,18 +276,9 @@ def test_cli_detections_on_voc_folder(tmp_path):
     ]
     (tmp_path / "results.json").write_text(json.dumps(detections))
     out = tmp_path / "out"
-    _run(
-        [
-            "--data",
-            str(root),
-            "--split",
-            "val",
-            "--detections",
-            str(tmp_path / "results.json"),
-            "--out",
-            str(out),
-        ]
-    )
+    args = ["--data", str(root), "--split", "val", "--detections", str(tmp_path / "results.json")]
+    args += ["--out", str(out)]
+    _run(args)
     metrics, _, rows = _outputs(out)
     assert metrics["voc_plus_one"] is True  # the devkit's convention by default on VOC data
     for name in ("AP", "AP50", "VOC_AP07", "VOC_AP"):
@@ -296,18 +287,7 @@ def test_cli_detections_on_voc_folder(tmp_path):
     # without the detection on the difficult box nothing changes; a wrong-class one lowers dog's AP
     extra = {"image_id": 1, "category_id": 2, "bbox": [30, 30, 59, 49], "score": 0.99}
     (tmp_path / "results.json").write_text(json.dumps([*detections[:3], extra]))
-    _run(
-        [
-            "--data",
-            str(root),
-            "--split",
-            "val",
-            "--detections",
-            str(tmp_path / "results.json"),
-            "--out",
-            str(out),
-        ]
-    )
+    _run(args)
     metrics, _, rows = _outputs(out)
     assert float(rows[0]["VOC_AP"]) == pytest.approx(1.0)
     assert float(rows[1]["VOC_AP"]) == pytest.approx(0.5)  # dog: FP then TP -> precision 1/2 at recall 1

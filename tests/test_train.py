@@ -16,14 +16,7 @@ from m2det.engine.train_config import TrainConfig, get_train_config
 from m2det.io.checkpoint import load_weights, read_metadata
 from train_helpers import ToyBoxes, tiny_model, weights
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more threads than free cores make them crawl."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----- schedules -----
