@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -219,6 +221,18 @@ def test_run_folder_contents_and_loss_curve(tmp_path):
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert result.images_per_second > 0 and math.isfinite(result.images_per_second)
     assert model.config.class_names == ToyBoxes.class_names
+
+
+def test_progress_bar_in_a_log_file_stays_sparse(tmp_path, monkeypatch):
+    # stderr redirected to a file: the bar must not redraw at every step (loss and lr change each step)
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    config = _config(epochs=2, batch_size=2)
+    Trainer(tiny_model(), config, ToyBoxes(16), run_dir=tmp_path / "run", device="cpu", progress=True).fit()
+    steps = 2 * 16 // 2
+    assert "epoch 2/2" in log.getvalue()  # the bar was drawn, with the state of the last step
+    # opening, closing and the per-epoch lines redraw it a few times, independent of the step count
+    assert log.getvalue().count("\r") < steps
 
 
 # ----- the command line -----

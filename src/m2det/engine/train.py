@@ -529,9 +529,15 @@ class _Run:
             for name, value in (("loss", loss), ("loss_box", box), ("loss_cls", cls), ("lr", lr)):
                 self.writer.add_scalar(f"train/{name}", value, self.step)
         if self.bar is not None:
-            self.bar.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}")
+            self.bar.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}", refresh=False)
+            # no redraw of its own: update() redraws at the bar's pace (sparse in a log file)
             self.bar.set_postfix(
-                loss=f"{loss:.3f}", box=f"{box:.3f}", cls=f"{cls:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}"
+                loss=f"{loss:.3f}",
+                box=f"{box:.3f}",
+                cls=f"{cls:.3f}",
+                lr=f"{lr:.2e}",
+                img_s=f"{rate:.1f}",
+                refresh=False,
             )
             self.bar.update(1)
 
