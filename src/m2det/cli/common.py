@@ -1,10 +1,11 @@
-"""Helpers shared by the subcommands: turning expected errors into one clear line and exit code 2."""
+"""Helpers shared by the subcommands: expected errors as one clear line and exit code 2, option
+parsing (--set, --sizes) and run folders."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Callable, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 import typer
 
@@ -62,3 +63,18 @@ def next_run_dir(root: Union[Path, str], prefix: str = "exp") -> Path:
             number += 1
             continue
         return candidate
+
+
+def parse_sizes(text: Optional[str]) -> Optional[list[int]]:
+    """`--sizes` text such as "320,512" as a list of input sizes (None when empty)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ValueError(
+            f"--sizes expects integers separated by commas (e.g. 320,512), got {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 32:
+        raise ValueError(f"--sizes expects input sizes >= 32, got {text!r}")
+    return sizes

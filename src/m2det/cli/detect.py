@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from m2det.cli.common import next_run_dir, user_errors
+from m2det.cli.common import next_run_dir, parse_sizes, user_errors
 
 DETECTIONS_JSON = "detections.json"
 COCO_RESULTS_JSON = "results_coco.json"
@@ -97,21 +97,6 @@ def detect(
     typer.echo(run.summary())
     if run.num_images + run.num_frames == 0:
         raise ValueError(f"nothing could be read from {source}: all {len(run.skipped)} inputs were skipped")
-
-
-def parse_sizes(text: Optional[str]) -> Optional[list[int]]:
-    """ "320,512" -> [320, 512]."""
-    if text is None or not text.strip():
-        return None
-    try:
-        sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise ValueError(
-            f"--sizes expects integers separated by commas (e.g. 320,512), got {text!r}"
-        ) from None
-    if not sizes or min(sizes) < 32:
-        raise ValueError(f"--sizes expects input sizes >= 32, got {text!r}")
-    return sizes
 
 
 def coco_category_ids(class_names: list[str]) -> list[int]:

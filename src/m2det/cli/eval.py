@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from m2det.cli.common import user_errors
+from m2det.cli.common import parse_sizes, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -97,12 +97,6 @@ def evaluate_command(
         from m2det.device import resolve_device
         from m2det.inference.detector import Detector
 
-        try:
-            scales = [int(v) for v in sizes.split(",") if v.strip()] if sizes else None
-        except ValueError:
-            raise ValueError(
-                f"--sizes expects comma-separated integers such as 320,512, got {sizes!r}"
-            ) from None
         detector = Detector(
             weights,
             preset=preset,
@@ -110,7 +104,7 @@ def evaluate_command(
             score_threshold=score,
             settings=settings,
             batch_size=batch,
-            sizes=scales,
+            sizes=parse_sizes(sizes),
             flip=flip,
         )
         result = evaluate(
