@@ -163,3 +163,15 @@ def test_records_match_the_json_independently(tmp_path):
             x, y, w, h = ann["bbox"]
             expected[ann["id"]] = [x, y, x + w, y + h]
     np.testing.assert_allclose(sorted(dataset.records[0].boxes.tolist()), sorted(expected.values()))
+
+
+def test_annotation_without_id_or_category_is_reported_not_a_crash(tmp_path, caplog):
+    path = write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    data["annotations"][0].pop("id")
+    data["annotations"][1].pop("category_id")  # both on image 11 (a.png)
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="m2det.data"):
+        dataset = build_dataset(path)
+    assert [dataset.image_info(i).image_id for i in range(len(dataset))] == [12]
+    assert "a.png" in caplog.records[0].getMessage() and "category_id None" in caplog.records[0].getMessage()

@@ -1,4 +1,4 @@
-"""COCO layout: one instances json (read through pycocotools) and a folder of images.
+"""COCO layout: one instances json and a folder of images.
 
 Class names are the json's categories in id order; labels are their positions + 1 and
 `category_ids[label - 1]` gives the json's id back. Crowd annotations are flagged `iscrowd`.
@@ -6,9 +6,8 @@ Class names are the json's categories in id order; labels are their positions + 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -125,8 +124,6 @@ class CocoDetection(DetectionDataset):
         keep_ignored: bool = False,
         strict: bool = False,
     ) -> None:
-        from pycocotools.coco import COCO
-
         path = Path(annotation_file)
         data = load_coco_json(path)
         categories = _categories(data, path)
@@ -144,7 +141,7 @@ class CocoDetection(DetectionDataset):
                 report.add(path, f"images[{k}] repeats image id {image_id}", IMAGE_ACTION_DROPPED)
                 continue
             images[image_id] = tuple(entry)  # type: ignore[assignment]
-        annotations = []
+        by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for k, annotation in enumerate(data["annotations"]):
             if not isinstance(annotation, dict) or annotation.get("image_id") not in images:
                 image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
@@ -154,22 +151,12 @@ class CocoDetection(DetectionDataset):
                     ANNOTATION_ACTION_IGNORED,
                 )
                 continue
-            annotations.append(annotation)
+            by_image[annotation["image_id"]].append(annotation)
         if image_dir is None:
             image_dir = find_image_dir(path, next((file_name for file_name, _, _ in images.values()), None))
         image_dir = Path(image_dir)
         if not image_dir.is_dir():
             raise DatasetError(f"{image_dir}: image folder not found (for {path})")
-
-        # pycocotools indexes the annotations by image (it prints progress; keep the console clean)
-        coco = COCO()
-        coco.dataset = {
-            "images": [{"id": i} for i in images],
-            "annotations": annotations,
-            "categories": categories,
-        }
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
 
         records = []
         for image_id, (file_name, width, height) in images.items():
@@ -179,7 +166,7 @@ class CocoDetection(DetectionDataset):
                 report.add(where, f"image file not found: {image_path}", IMAGE_ACTION_DROPPED)
                 continue
             try:
-                boxes = [_box(a, category_label) for a in coco.imgToAnns.get(image_id, [])]
+                boxes = [_box(a, category_label) for a in by_image.get(image_id, [])]
             except MalformedAnnotation as exc:
                 report.add(where, str(exc), IMAGE_ACTION_DROPPED)
                 continue
