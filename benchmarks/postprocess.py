@@ -15,10 +15,9 @@ import time
 from collections import Counter
 
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 
 import m2det
-from m2det.boxes.anchors import center_to_corners
 from m2det.boxes.coder import BoxCoder
 from m2det.boxes.postprocess import PAPER, PostProcessor
 
@@ -34,7 +33,7 @@ def synthesize(
     """`(loc [1, A, 4], logits [1, A, C])` with exactly `num_above` foreground scores above `threshold`."""
     g = torch.Generator().manual_seed(seed)
     num_anchors = anchors.shape[0]
-    corners = center_to_corners(anchors)
+    corners = box_convert(anchors, "cxcywh", "xyxy")
     centres = torch.rand(num_objects, 2, generator=g) * 0.8 + 0.1
     sides = torch.rand(num_objects, 2, generator=g) * 0.35 + 0.05
     objects = torch.cat([centres - sides / 2, centres + sides / 2], dim=1).clamp(0, 1)

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 import m2det
-from m2det.boxes.anchors import center_to_corners
 from m2det.boxes.coder import BoxCoder
 from m2det.boxes.loss import MultiBoxLoss
 from m2det.boxes.matcher import AnchorMatcher
@@ -99,7 +99,7 @@ def reference_loss(loc, logits, anchors, targets, ratio=3, min_negatives=0):
 
 def match_labels(targets, anchors_cxcywh) -> torch.Tensor:
     boxes, labels = [t["boxes"] for t in targets], [t["labels"] for t in targets]
-    return AnchorMatcher(0.5)(boxes, labels, center_to_corners(anchors_cxcywh))[1]
+    return AnchorMatcher(0.5)(boxes, labels, box_convert(anchors_cxcywh, "cxcywh", "xyxy"))[1]
 
 
 # ----- the hand-worked case -----

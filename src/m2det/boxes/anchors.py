@@ -73,16 +73,6 @@ class AnchorGenerator:
         return anchors
 
 
-def center_to_corners(boxes: Tensor) -> Tensor:
-    """(cx, cy, w, h) -> (x1, y1, x2, y2)."""
-    return torch.cat([boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2], dim=-1)
-
-
-def corners_to_center(boxes: Tensor) -> Tensor:
-    """(x1, y1, x2, y2) -> (cx, cy, w, h)."""
-    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], dim=-1)
-
-
 def num_anchors(feature_sizes: Sequence[int], per_location: int) -> int:
     return sum(f * f for f in feature_sizes) * per_location
 

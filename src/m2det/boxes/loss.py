@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import box_convert
 
-from m2det.boxes.anchors import center_to_corners
 from m2det.boxes.coder import BoxCoder
 from m2det.boxes.matcher import AnchorMatcher
 
@@ -49,7 +49,7 @@ class MultiBoxLoss:
         (cx, cy, w, h; normalised) and per-image targets `{boxes: [K, 4] normalised xyxy, labels: [K]}`.
         """
         boxes, labels = _unpack_targets(targets, loc, logits, anchors)
-        matched_boxes, matched_labels = self.matcher(boxes, labels, center_to_corners(anchors))
+        matched_boxes, matched_labels = self.matcher(boxes, labels, box_convert(anchors, "cxcywh", "xyxy"))
         loc, logits = loc.float(), logits.float()  # under autocast the sums still run in float32
 
         positive = matched_labels > 0

@@ -26,6 +26,10 @@ PathLike = Union[str, Path]
 Sample = tuple[tv_tensors.Image, dict[str, Any]]
 Transform = Callable[[tv_tensors.Image, dict[str, Any]], Sample]
 
+# Image files the data sets and `m2det detect` read (PIL and OpenCV both decode these), in the
+# order a VOC image id is tried with.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
 # A box further outside its image than this (in pixels) is reported when clipped; closer is rounding.
 OUTSIDE_TOLERANCE = 1.0
 

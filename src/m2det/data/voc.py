@@ -15,6 +15,7 @@ from typing import Optional
 from m2det.data.base import (
     BOX_ACTION_DROPPED,
     IMAGE_ACTION_DROPPED,
+    IMAGE_SUFFIXES,
     DataReport,
     DatasetError,
     DetectionDataset,
@@ -27,8 +28,6 @@ from m2det.data.base import (
     make_record,
     parse_number,
 )
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def is_voc_root(path: PathLike) -> bool:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from m2det.data.base import (
     IMAGE_ACTION_DROPPED,
+    IMAGE_SUFFIXES,
     DataReport,
     DatasetError,
     DetectionDataset,
@@ -26,8 +27,6 @@ from m2det.data.base import (
     make_record,
     parse_number,
 )
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 
 def load_data_yaml(path: Path) -> dict[str, Any]:

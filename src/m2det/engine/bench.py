@@ -29,9 +29,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 
-from m2det.boxes.anchors import center_to_corners
 from m2det.boxes.coder import BoxCoder
 
 BACKENDS = ("pytorch", "onnxruntime")
@@ -253,7 +252,7 @@ def synthesize_predictions(
     sides = 0.05 + 0.35 * torch.rand(num_objects, 2, generator=g)
     objects = torch.cat([centres - sides / 2, centres + sides / 2], dim=1).clamp(0, 1)
     labels = torch.randint(1, num_classes, (num_objects,), generator=g)
-    best_iou, best_object = box_iou(objects, center_to_corners(anchors)).max(dim=0)
+    best_iou, best_object = box_iou(objects, box_convert(anchors, "cxcywh", "xyxy")).max(dim=0)
     chosen = best_iou.topk(num_above).indices
     owner = best_object[chosen]
 

@@ -16,7 +16,8 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+from m2det.data.base import IMAGE_SUFFIXES
+
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 
 
