@@ -364,9 +364,11 @@ class _Run:
         self.generator.manual_seed(config.seed * 1_000_003 + self.epoch * 1_009 + self.info.rank)
         totals = torch.zeros(3, dtype=torch.float64)
         steps, tick, rate = 0, time.perf_counter(), 0.0
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {self.epoch + 1}/{config.epochs}", refresh=False)
         for images, targets in self.loader:
             values = self._train_step(images, targets)
-            totals += values.double().cpu()
+            totals += values.double()
             steps += 1
             self.step += 1
             now = time.perf_counter()
@@ -378,7 +380,8 @@ class _Run:
         return means, steps * config.batch_size
 
     def _train_step(self, images: Tensor, targets: list[dict[str, Any]]) -> Tensor:
-        """Forward, check the loss, backward, step. Returns [loss, loss_box, loss_cls] averaged over processes."""
+        """Forward, check the loss, backward, step. Returns [loss, loss_box, loss_cls] averaged over
+        processes, on the CPU."""
         config = self.config
         images = images.to(self.device, non_blocking=True)
         targets = [
@@ -391,9 +394,10 @@ class _Run:
         with torch.autocast(self.device.type, enabled=self.use_amp):
             losses = self.network(list(images), targets)
         loss = losses["loss_box"] + losses["loss_cls"]
+        # one copy to the CPU, which the loss check needs anyway; the epoch totals and the log reuse it
         values = distributed.all_reduce_mean(
             torch.stack([loss, losses["loss_box"], losses["loss_cls"]]).detach().float()
-        )
+        ).cpu()
         self._check_loss(float(values[0]))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -529,7 +533,6 @@ class _Run:
             for name, value in (("loss", loss), ("loss_box", box), ("loss_cls", cls), ("lr", lr)):
                 self.writer.add_scalar(f"train/{name}", value, self.step)
         if self.bar is not None:
-            self.bar.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}", refresh=False)
             # no redraw of its own: update() redraws at the bar's pace (sparse in a log file)
             self.bar.set_postfix(
                 loss=f"{loss:.3f}",
