@@ -158,6 +158,24 @@ def test_detector_runs_the_onnx_model_like_the_pytorch_one(model, onnx_file, tmp
         m2det.Detector(onnx_file, sizes=[512])(image)
 
 
+def test_a_model_exported_at_another_size_runs_at_that_size(model, tmp_path):
+    from m2det.io.checkpoint import save_model
+
+    path = tmp_path / "tiny384.onnx"
+    export_onnx(model, path, input_size=384)
+    image = torch.randint(
+        0, 256, (3, 200, 260), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)
+    )
+    onnx_detector = m2det.Detector(path, settings="official")
+    assert onnx_detector.model.input_size == 384 and onnx_detector.sizes == [384]
+    expected = m2det.Detector(
+        save_model(model, tmp_path / "tiny.safetensors"), sizes=[384], settings="official"
+    )
+    got, want = onnx_detector(image), expected(image)
+    assert len(got["scores"]) == len(want["scores"]) > 0
+    torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-3, atol=1e-4)
+
+
 def test_int8_calibrates_on_the_data_and_quantises_every_conv(bccd_root, onnx_file, tmp_path):
     from m2det.data import build_dataset, build_eval_transform
     from m2det.deploy.quantize import calibration_reader, quantize_onnx

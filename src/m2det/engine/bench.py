@@ -371,7 +371,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
     log(f"loading {settings.model} ({settings.backend})")
     model, network, backend_info = _load(settings, device)
     memory = PeakMemory(device)
-    size = int(settings.input_size or getattr(model, "input_size", None) or model.config.input_size)
+    size = int(settings.input_size or model.input_size)
     config = model.config
     complexity = measure(config, size)
     timer = Stopwatch(device)

@@ -475,7 +475,7 @@ def _predict(
     post = _postprocessor(model, model_or_detector, settings)
     # a Detector brings its runtime and its test-time scales and flip; a bare model runs itself once
     backend = getattr(model_or_detector, "backend", None) or model.forward_raw
-    scales = list(getattr(model_or_detector, "sizes", None) or [model.config.input_size])
+    scales = list(getattr(model_or_detector, "sizes", None) or [model.input_size])
     flip = bool(getattr(model_or_detector, "flip", False))
     if device is not None:
         model.to(device)

@@ -84,7 +84,7 @@ class Detector:
         self.postprocessor = PostProcessor(
             self.model.box_coder, chosen, categories=self.model.config.categories
         )
-        self.sizes = [int(s) for s in sizes] if sizes else [self.model.config.input_size]
+        self.sizes = [int(s) for s in sizes] if sizes else [self.model.input_size]
         for size in self.sizes:
             pyramid_sizes(self.model.config, size)  # raises a clear error for a size the net cannot take
         self.flip = bool(flip)

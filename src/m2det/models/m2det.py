@@ -76,9 +76,14 @@ class M2Det(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    @property
+    def input_size(self) -> int:
+        """The square input the model runs at by default (an exported graph may fix another)."""
+        return self.config.input_size
+
     def anchors(self, input_size: Optional[int] = None) -> Tensor:
         """Anchors `[A, 4]` (cx, cy, w, h), normalised, for a square input of `input_size`."""
-        size = int(input_size or self.config.input_size)
+        size = int(input_size or self.input_size)
         return self.anchor_generator(size, pyramid_sizes(self.config, size), self.config.input_size)
 
     # ----- network -----
@@ -95,7 +100,7 @@ class M2Det(nn.Module):
         self, images: Sequence[Tensor], input_size: Optional[int] = None
     ) -> tuple[Tensor, list[tuple[int, int]]]:
         """Resize each CHW RGB image to the square input and normalise; also return original sizes."""
-        size = int(input_size or self.config.input_size)
+        size = int(input_size or self.input_size)
         batch, sizes = [], []
         for i, image in enumerate(images):
             if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:

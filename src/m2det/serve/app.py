@@ -46,7 +46,7 @@ def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> Fa
         config = detector.model.config
         return {
             "name": config.name,
-            "input_size": config.input_size,
+            "input_size": detector.model.input_size,
             "num_classes": config.num_classes,
             "class_names": detector.class_names,
             "device": str(detector.device),
