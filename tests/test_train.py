@@ -280,3 +280,18 @@ def test_train_cli_end_to_end(tmp_path):
 
     bad = CliRunner().invoke(app, [*args[:5], "--set", "train.bacth_size=2", "--quiet"])
     assert bad.exit_code == 2 and "bacth_size" in bad.output
+
+
+def test_train_cli_names_a_broken_config_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app
+
+    config = tmp_path / "broken.yaml"
+    config.write_text("model: [unclosed\n")
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--config", str(config), "--quiet"])
+    assert result.exit_code == 2 and "broken.yaml: not valid YAML" in result.output
+    missing = CliRunner().invoke(
+        app, ["train", "--data", str(tmp_path), "--config", str(tmp_path / "no.yaml")]
+    )
+    assert missing.exit_code == 2 and "config file not found" in missing.output

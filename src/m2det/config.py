@@ -137,18 +137,21 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> ModelConfig:
         """Read a config file: either a full config or `preset: NAME` plus overrides."""
-        path = Path(path)
-        data = read_yaml_mapping(path)
+        return cls.from_mapping(read_yaml_mapping(path), path)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], where: Union[str, Path]) -> ModelConfig:
+        """A config file's content (its `model:` section, or the whole of it); errors name `where`."""
         if not data:
-            raise ValueError(f"{path}: empty config file; expected `preset: NAME` or a full model config")
-        data = data.get("model", data)
+            raise ValueError(f"{where}: empty config file; expected `preset: NAME` or a full model config")
+        data = dict(data.get("model", data))
         preset = data.pop("preset", None)
         try:
             if preset is not None:
                 return get_config(preset, **data)
             return cls.from_dict(data).validate()
         except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise ValueError(f"{where}: {exc}") from None
 
     def save_yaml(self, path: Union[str, Path]) -> None:
         Path(path).write_text(self.to_yaml())

@@ -156,21 +156,17 @@ def load_configs(
     path: Optional[Path], preset: str, model_overrides: dict[str, Any], train_overrides: dict[str, Any]
 ) -> tuple[Any, Any]:
     """(ModelConfig, TrainConfig) from an optional YAML file, a fallback preset and overrides."""
-    import yaml
-
-    from m2det.config import ModelConfig, get_config, with_overrides
+    from m2det.config import ModelConfig, get_config, read_yaml_mapping, with_overrides
     from m2det.engine.train_config import TrainConfig, get_train_config, with_train_overrides
 
     if path is None:
         return get_config(preset, **model_overrides), get_train_config("paper", **train_overrides)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config: file not found: {path}")
-    data = yaml.safe_load(path.read_text())
-    has_model = isinstance(data, dict) and ("model" in data or "train" not in data)
-    model_config = ModelConfig.from_yaml(path) if has_model else get_config(preset)
+    data = read_yaml_mapping(path)
+    has_model = bool(data) and ("model" in data or "train" not in data)
+    model_config = ModelConfig.from_mapping(data, path) if has_model else get_config(preset)
     try:
         model_config = with_overrides(model_config, **model_overrides)
-        train_config = with_train_overrides(TrainConfig.from_yaml(path), **train_overrides)
+        train_config = with_train_overrides(TrainConfig.from_mapping(data, path), **train_overrides)
     except (TypeError, KeyError) as exc:
         raise ValueError(f"--set: {exc}") from None
     return model_config, train_config

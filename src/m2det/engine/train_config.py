@@ -128,12 +128,15 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> TrainConfig:
         """The `train:` section of a YAML file (the paper's defaults when the file has none)."""
-        path = Path(path)
-        section = read_yaml_mapping(path).get("train") or {}
+        return cls.from_mapping(read_yaml_mapping(path), path)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], where: Union[str, Path]) -> TrainConfig:
+        """The `train:` section of a config file's content; errors name `where`."""
         try:
-            return cls.from_dict(section)
+            return cls.from_dict(data.get("train") or {})
         except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise ValueError(f"{where}: {exc}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump({"train": self.to_dict()}, sort_keys=False)
