@@ -13,6 +13,7 @@ from typing import Any, Optional
 import cv2
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 
 from m2det.inference.detector import Detector
 
@@ -36,6 +37,10 @@ def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> Fa
     """Build the app for one detector; requests are served one network call at a time."""
     app = FastAPI(title="m2det", description="M2Det object detection")
     lock = threading.Lock()  # one model, one forward pass at a time
+
+    def run_detector(image: np.ndarray) -> dict[str, Any]:
+        with lock:
+            return detector(image)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -62,14 +67,15 @@ def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> Fa
             raise HTTPException(400, "empty body: send the image file's bytes as the request body")
         if len(body) > max_image_bytes:
             raise HTTPException(413, f"image of {len(body)} bytes exceeds the limit of {max_image_bytes}")
-        image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+        # decoding and the network run in a worker thread, so /health and new requests are still
+        # answered while a forward pass runs; the lock keeps the forward passes one at a time
+        image = await run_in_threadpool(cv2.imdecode, np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
         if image is None:
             raise HTTPException(
                 415, "the body is not an image OpenCV can decode (JPEG, PNG, BMP, TIFF, WebP, ...)"
             )
         start = time.perf_counter()
-        with lock:
-            result = detector(image)
+        result = await run_in_threadpool(run_detector, image)
         elapsed = (time.perf_counter() - start) * 1000
         return {
             "width": int(image.shape[1]),
