@@ -62,7 +62,8 @@ def bench(
     """Measure speed: per-image latency (preprocess / network / post-process), throughput per batch
     size, peak memory, GFLOP/s and the fraction of a reference conv's throughput; prints and writes JSON."""
     from m2det.cli.common import next_run_dir
-    from m2det.engine.bench import BenchSettings, run_bench, write_result
+    from m2det.engine.bench import BenchSettings, run_bench
+    from m2det.io.jsonfile import write_json
 
     if image is not None and not image.is_file():
         raise FileNotFoundError(f"--image: file not found: {image}")
@@ -91,8 +92,8 @@ def bench(
         reference=reference,
     )
     result = run_bench(settings_obj, log=lambda message: typer.echo(f"  {message}", err=True))
-    path = write_result(
-        result, out if out is not None else next_run_dir(Path("runs") / "bench") / "bench.json"
+    path = write_json(
+        out if out is not None else next_run_dir(Path("runs") / "bench") / "bench.json", result, indent=2
     )
     _print(result)
     typer.echo(f"wrote {path}")

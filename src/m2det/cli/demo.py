@@ -127,9 +127,10 @@ def _run_demo(run_dir: Path, settings: DemoSettings, device: str, progress: bool
     from m2det.config import get_config
     from m2det.data import build_dataset
     from m2det.data.synthetic import ShapesConfig, generate_shapes_dataset
-    from m2det.engine.evaluate import evaluate, write_json
+    from m2det.engine.evaluate import evaluate
     from m2det.engine.train import Trainer, seed_everything
     from m2det.engine.train_config import TrainConfig
+    from m2det.io.jsonfile import write_json
     from m2det.models import build_model
 
     start = time.perf_counter()

@@ -6,7 +6,6 @@ names) and `results_coco.json` (COCO results format) into a fresh `runs/detect/e
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -311,7 +310,7 @@ class DetectRun:
     def write_json(self, source: str) -> None:
         import dataclasses
 
-        from m2det.io.torchfile import atomic_path
+        from m2det.io.jsonfile import write_json
 
         report = {
             "source": source,
@@ -324,9 +323,8 @@ class DetectRun:
             "images": self.images,
             "skipped": self.skipped,
         }
-        for name, payload in ((DETECTIONS_JSON, report), (COCO_RESULTS_JSON, self.coco)):
-            with atomic_path(self.out_dir / name) as tmp:
-                tmp.write_text(json.dumps(payload, indent=1 if name == DETECTIONS_JSON else None))
+        write_json(self.out_dir / DETECTIONS_JSON, report, indent=1)
+        write_json(self.out_dir / COCO_RESULTS_JSON, self.coco)
 
     def summary(self) -> str:
         count = self.num_images + self.num_frames

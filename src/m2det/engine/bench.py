@@ -25,13 +25,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou
 
 from m2det.boxes.coder import BoxCoder
+from m2det.device import resolve_device
 
 BACKENDS = ("pytorch", "onnxruntime")
 REFERENCE_CONV = {"in_channels": 256, "out_channels": 256, "kernel": 3, "size": 40}
@@ -360,9 +361,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
         raise ValueError(f"batch sizes must be >= 1, got {settings.batch_sizes}")
     if settings.postprocess_load not in ("synthetic", "model"):
         raise ValueError(f"postprocess_load must be synthetic or model, got {settings.postprocess_load!r}")
-    device = torch.device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {settings.device!r} requested but CUDA is not available here")
+    device = resolve_device(settings.device)
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
     started = time.time()
@@ -523,17 +522,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_result(result: dict[str, Any], path: Union[str, Path]) -> Path:
-    import json
-
-    from m2det.io.torchfile import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
-    return path
-
-
 __all__ = [
     "BenchSettings",
     "PeakMemory",
@@ -541,5 +529,4 @@ __all__ = [
     "reference_conv",
     "run_bench",
     "synthesize_predictions",
-    "write_result",
 ]

@@ -25,6 +25,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from m2det.engine.voc_eval import mean_ap, voc_evaluate
+from m2det.io.jsonfile import finite_json, write_json
 from m2det.io.torchfile import atomic_path
 
 # The 12 numbers of COCOeval.summarize() for boxes, in its order.
@@ -69,11 +70,10 @@ class EvalResult:
     num_images: int = 0
     seconds: float = 0.0
     note: Optional[str] = None
-    summary: str = ""  # pycocotools' printed summary
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN as null): metrics, per_class, counts, note."""
-        return _finite(
+        return finite_json(
             {
                 "metrics": self.metrics,
                 "per_class": [row.as_row() for row in self.per_class],
@@ -111,23 +111,6 @@ class EvalResult:
 
 def _cell(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.6f}"
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf -> None, recursively, so the JSON stays standard."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def write_json(path: Union[str, Path], data: Any, indent: Optional[int] = None) -> None:
-    """JSON with NaN written as null, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_finite(data), indent=indent))
 
 
 # ----- checking a detections list -----
@@ -211,11 +194,11 @@ def read_detections(
 def run_cocoeval(
     coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Optional[Sequence[int]] = None
 ) -> COCOeval:
-    """COCOeval (bbox) evaluated, accumulated and summarised, its printing captured in `.summary`.
+    """COCOeval (bbox) evaluated, accumulated and summarised (`.stats`), without its printing.
 
     An empty list is scored as pycocotools would score no detections (its `loadRes` rejects []).
     """
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
+    with contextlib.redirect_stdout(io.StringIO()):
         if detections:
             # loadRes adds fields to the dicts it is given; give it copies
             coco_dt = coco_gt.loadRes([dict(d) for d in detections])
@@ -232,9 +215,7 @@ def run_cocoeval(
             cocoeval.params.imgIds = sorted(int(i) for i in image_ids)
         cocoeval.evaluate()
         cocoeval.accumulate()
-        printed.truncate(0)
         cocoeval.summarize()
-    cocoeval.summary = printed.getvalue()
     return cocoeval
 
 
@@ -357,7 +338,6 @@ def score_detections(
         curves=curves,
         num_images=len(cocoeval.params.imgIds),
         note=None if dets else NO_DETECTIONS,
-        summary=cocoeval.summary,
     )
 
 
@@ -434,26 +414,6 @@ def _postprocessor(model: torch.nn.Module, model_or_detector: Any, settings: Any
     return PostProcessor(model.box_coder)
 
 
-def predict(
-    model_or_detector: Any,
-    dataset: Any,
-    *,
-    batch_size: int = 8,
-    device: Union[str, torch.device, None] = None,
-    settings: Any = None,
-    progress: bool = True,
-    workers: int = 0,
-) -> list[dict[str, Any]]:
-    """Run the detector over `dataset` and return its detections in COCO results format, with the
-    data set's category ids (a COCO json's own) and boxes in the original image pixels.
-
-    The data set yields `(image, target)` with `target["image_id"]` and `target["orig_size"]`; an
-    image that a transform resized has its boxes scaled back to the original pixels.
-    """
-    detections, _ = _predict(model_or_detector, dataset, batch_size, device, settings, progress, workers)
-    return detections
-
-
 @torch.inference_mode()
 def _predict(
     model_or_detector: Any,
@@ -464,7 +424,11 @@ def _predict(
     progress: bool,
     workers: int,
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    """Detections in COCO results format and the image ids seen, in data set order."""
+    """Detections in COCO results format and the image ids seen, in data set order.
+
+    Boxes are in the original image pixels (the data set's `target["orig_size"]`; an image a
+    transform resized has its boxes scaled back) and labels are the data set's category ids.
+    """
     from m2det.inference.multiscale import detect_multiscale
     from m2det.progress import progress_bar
 
