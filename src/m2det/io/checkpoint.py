@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from m2det.config import ModelConfig
-from m2det.io.torchfile import atomic_path
+from m2det.io.torchfile import atomic_path, shared_state_groups
 
 FORMAT = "m2det"
 
@@ -28,30 +28,22 @@ def save_model(
     metadata = {"format": FORMAT, "config": model.config.to_json()}
     if extra:
         metadata["extra"] = json.dumps(extra)
-    unique = {names[0]: tensor.detach().cpu().contiguous() for names, tensor in _shared_groups(model)}
+    unique = {names[0]: tensor.detach().cpu().contiguous() for names, tensor in shared_state_groups(model)}
     with atomic_path(path) as tmp:
         save_file(unique, str(tmp), metadata=metadata)
     return path
-
-
-def _shared_groups(model: torch.nn.Module) -> list[tuple[list[str], Tensor]]:
-    """State dict entries grouped by the tensor they name (shared modules name one tensor many times)."""
-    groups: dict[int, tuple[list[str], Tensor]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), ([], tensor))[0].append(name)
-    return list(groups.values())
 
 
 def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
     """Load a file written by `save_model` into `model`, strictly, filling in shared names."""
     stored = load_file(str(path))
     state: dict[str, Tensor] = {}
-    for names, _ in _shared_groups(model):
+    for names, _ in shared_state_groups(model):
         found = [n for n in names if n in stored]
         if found:
             state.update({n: stored[found[0]] for n in names})
-    missing = sorted(k for k in model.state_dict() if k not in state)
-    own = set(model.state_dict())
+    own = model.state_dict().keys()
+    missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in stored if k not in own)
     if missing or unexpected:
         raise ValueError(

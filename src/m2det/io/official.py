@@ -14,7 +14,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from m2det.io.torchfile import as_state_dict, load_state_dict_file
+from m2det.io.torchfile import as_state_dict, load_state_dict_file, shared_state_groups
 
 _RULES: list[tuple[str, str]] = [
     (r"^reduce\.", "mlfpn.ffm1.reduce."),
@@ -82,12 +82,19 @@ def convert_official_state_dict(
     return renamed, LoadReport(missing=missing, unexpected=sorted(unexpected)), mismatched
 
 
+def _read_state(
+    source: Union[str, Path, dict[str, Tensor]], where: Union[str, None] = None
+) -> tuple[dict[str, Tensor], str]:
+    """A state dict from a `.pth` path (weights_only) or a dict, and how errors should name it."""
+    if isinstance(source, dict):
+        where = where or "state dict"
+        return as_state_dict(source, where), where
+    return load_state_dict_file(source), where or str(source)
+
+
 def _check_shared(model: nn.Module, renamed: dict[str, Tensor]) -> None:
     """Where the model shares one module under several names, the checkpoint's copies must agree."""
-    by_tensor: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(tensor), []).append(name)
-    for names in by_tensor.values():
+    for names, _ in shared_state_groups(model):
         present = [n for n in names if n in renamed]
         if len(present) > 1:
             first = renamed[present[0]]
@@ -111,8 +118,7 @@ def load_official(
     With `strict`, any missing or unexpected key raises a ValueError that lists them; a shape
     mismatch always raises. Returns what was missing/unexpected.
     """
-    where = where or (str(source) if not isinstance(source, dict) else "state dict")
-    state = load_state_dict_file(source) if not isinstance(source, dict) else as_state_dict(source, where)
+    state, where = _read_state(source, where)
     renamed, report, mismatched = convert_official_state_dict(state, model)
     problems = []
     if mismatched:
@@ -150,8 +156,7 @@ def build_official_model(
     from m2det.data.names import COCO_CLASSES
     from m2det.models import build_model
 
-    where = str(source) if not isinstance(source, dict) else "state dict"
-    state = load_state_dict_file(source) if not isinstance(source, dict) else as_state_dict(source, where)
+    state, where = _read_state(source)
     base = get_config(preset, **overrides)
     num_classes = overrides.get("num_classes") or official_num_classes(
         state, base.anchors.num_anchors_per_location

@@ -52,6 +52,14 @@ def as_state_dict(state: Any, where: str) -> dict[str, Tensor]:
     return dict(state)
 
 
+def shared_state_groups(model: torch.nn.Module) -> list[tuple[list[str], Tensor]]:
+    """State dict entries grouped by the tensor they name (a shared module names one tensor many times)."""
+    groups: dict[int, tuple[list[str], Tensor]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), ([], tensor))[0].append(name)
+    return list(groups.values())
+
+
 @contextmanager
 def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
