@@ -8,7 +8,7 @@ model inputs; `collate_fn` / `build_loader` batch them.
 from m2det.data.base import DataReport, DatasetError, DetectionDataset, ImageInfo, Record, read_image
 from m2det.data.build import build_dataset
 from m2det.data.coco import CocoDetection
-from m2det.data.loader import build_loader, collate_fn, seed_worker
+from m2det.data.loader import build_loader, collate_fn
 from m2det.data.synthetic import GeneratedShapes, ShapesConfig, ShapesSplit, generate_shapes_dataset
 from m2det.data.transforms import (
     MEAN_FILL_RGB,
@@ -48,5 +48,4 @@ __all__ = [
     "collate_fn",
     "generate_shapes_dataset",
     "read_image",
-    "seed_worker",
 ]

@@ -1,20 +1,18 @@
-"""Batching and reproducible loading: `collate_fn`, `seed_worker`, `build_loader`.
+"""Batching and reproducible loading: `collate_fn`, `build_loader`.
 
 Reproducibility: all augmentation draws from torch's generator. In the main process
 (`num_workers=0`) `torch.manual_seed(seed)` fixes every sample. With workers, DataLoader seeds
 worker k's torch generator with `base_seed + k`, where `base_seed` is drawn from the loader's
 `generator` each time an epoch's iterator starts; `build_loader` passes a generator seeded with
 `seed`, so epochs differ from each other and a rerun with the same seed, batch size and number
-of workers repeats every sample. `seed_worker` seeds `random` and numpy from that torch seed for
-any user transform that draws from them.
+of workers repeats every sample. DataLoader also seeds each worker's `random` and numpy from the
+same base seed, for any user transform that draws from them.
 """
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -30,13 +28,6 @@ def collate_fn(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[Tensor, list
             "use build_train_transform or build_eval_transform to resize them"
         )
     return torch.stack([image.as_subclass(Tensor) for image in images]), list(targets)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed `random` and numpy from the worker's torch seed."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def build_loader(
@@ -55,7 +46,6 @@ def build_loader(
         shuffle=shuffle,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(seed),
         drop_last=drop_last,
         persistent_workers=False,

@@ -6,7 +6,7 @@ smaller than 1% of the side are dropped. torchvision's own transform is used whe
 semantics are the official ones (flip, resize, sanitising); where they differ the class says how.
 
 Every random draw comes from torch's global generator, so `torch.manual_seed(s)` before a call
-fixes the augmented sample (see `m2det.data.loader.seed_worker` for DataLoader workers).
+fixes the augmented sample (see `m2det.data.loader` for DataLoader workers).
 Inputs and outputs: `tv_tensors.Image` uint8 [3, H, W] RGB and a target dict whose `boxes` are
 `tv_tensors.BoundingBoxes`; per-box `labels` and `iscrowd` are filtered along with the boxes.
 """

@@ -19,6 +19,9 @@ from torch import Tensor
 
 from m2det.device import resolve_device
 
+# Long, because the other processes wait while rank 0 runs the validation.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -53,20 +56,15 @@ def env_info() -> DistInfo:
     return info
 
 
-def setup(device: str = "auto", timeout_minutes: float = 60.0) -> tuple[DistInfo, torch.device]:
-    """Join the process group described by the environment (if any) and pick this process's device.
-
-    The timeout is long because the other processes wait while rank 0 validates.
-    """
+def setup(device: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the process group described by the environment (if any) and pick this process's device."""
     info = env_info()
     target = resolve_device(device, info.local_rank)
     if target.type == "cuda":
         torch.cuda.set_device(target)
     if info.is_distributed and not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend, init_method="env://", timeout=timedelta(minutes=timeout_minutes)
-        )
+        dist.init_process_group(backend=backend, init_method="env://", timeout=PROCESS_GROUP_TIMEOUT)
     return info, target
 
 
@@ -77,11 +75,6 @@ def cleanup() -> None:
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    if _active():
-        dist.barrier()
 
 
 def all_reduce_mean(tensor: Tensor) -> Tensor:

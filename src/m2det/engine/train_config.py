@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
-
 from m2det.config import dataclass_from_dict, read_yaml_mapping
 from m2det.engine.schedule import LRSchedule
 
@@ -138,9 +136,6 @@ class TrainConfig:
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"{where}: {exc}") from None
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump({"train": self.to_dict()}, sort_keys=False)
-
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The paper: warm-up 5 epochs, 2e-3, x0.1 at 90 and 120, stop at 150, batch 32.
@@ -154,10 +149,6 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "step_lrs": [2e-3, 4e-4, 4e-5, 4e-6],
     },
 }
-
-
-def list_train_presets() -> list[str]:
-    return list(TRAIN_PRESETS)
 
 
 def get_train_config(name: str = "paper", **overrides: Any) -> TrainConfig:
