@@ -14,16 +14,6 @@ def register(app: typer.Typer) -> None:
     app.command("browse-data")(browse_data)
 
 
-def class_colors(count: int) -> list[tuple[int, int, int]]:
-    """`count` well separated RGB colours (evenly spaced hues)."""
-    import colorsys
-
-    return [
-        tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(count, 1), 0.85, 1.0))  # type: ignore[misc]
-        for i in range(count)
-    ]
-
-
 @user_errors
 def browse_data(
     data: Path = typer.Argument(..., help="A COCO .json, a Pascal VOC folder or a YOLO data .yaml."),
@@ -41,10 +31,10 @@ def browse_data(
     """Write NUM samples as PNG with boxes and class names drawn, and print where they are."""
     import torch
     from PIL import Image
-    from torchvision.utils import draw_bounding_boxes
 
     from m2det.data import build_dataset, build_eval_transform, build_train_transform
     from m2det.io.torchfile import atomic_path
+    from m2det.visualize import draw_detections
 
     transform = build_train_transform(size) if augment else build_eval_transform(size)
     dataset = build_dataset(data, split, strict=strict, transforms=transform, image_dir=image_dir)
@@ -53,20 +43,17 @@ def browse_data(
     if dataset.report.issues:
         typer.echo(f"{len(dataset.report.issues)} problem(s) in the data, listed above")
 
-    colors = class_colors(len(dataset.class_names))
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num].tolist()
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for k, index in enumerate(indices):
         image, target = dataset[index]
-        labels = target["labels"].tolist()
-        drawn = draw_bounding_boxes(
+        drawn = draw_detections(
             image.as_subclass(torch.Tensor),
             target["boxes"].as_subclass(torch.Tensor),
-            labels=[dataset.class_names[label - 1] for label in labels],
-            colors=[colors[label - 1] for label in labels],
-            width=2,
+            target["labels"],
+            class_names=dataset.class_names,
         )
         path = out / f"{k:02d}_{dataset.image_info(index).path.stem}.png"
         with atomic_path(path) as tmp:
