@@ -165,17 +165,18 @@ class StripeFinder:
 def test_flip_maps_the_mirrored_pass_back(bccd_image):
     detector = tiny_detector(settings=PAPER.replace(nms="hard"), sizes=[320])
     anchors = detector.model.anchors(320)
-    detector.backend = StripeFinder(anchors.shape[0], detector.model.num_classes)
+    finder = StripeFinder(anchors.shape[0], detector.model.num_classes)
+    detector.model.forward_raw = finder
     image = torch.zeros(3, 100, 200, dtype=torch.uint8)
     image[:, :, 30:34] = 255  # a bright stripe on the left
     (single,) = detector([image])
-    assert detector.backend.calls == 1 and len(single["boxes"]) == 1
+    assert finder.calls == 1 and len(single["boxes"]) == 1
     cx = single["boxes"][0, 0::2].mean()
     assert abs(cx - 32) < 5  # the anchor under the stripe
 
     detector.flip = True
     (merged,) = detector([image])
-    assert detector.backend.calls == 3
+    assert finder.calls == 3
     # the mirrored pass found the stripe on the right; mapped back, it lands on the same spot and
     # NMS merges the two into one box (unmapped, there would be a second box near x = 168)
     assert len(merged["boxes"]) == 1
@@ -191,7 +192,7 @@ def test_several_sizes_each_use_their_own_anchors():
     detector = tiny_detector(settings=PAPER.replace(nms="hard"), sizes=[288, 320])
     seen = []
 
-    def backend(batch):
+    def network(batch):
         size = batch.shape[-1]
         seen.append(size)
         anchors = detector.model.anchors(size)
@@ -200,7 +201,7 @@ def test_several_sizes_each_use_their_own_anchors():
         logits[:, -1, 2 if size == 288 else 3] = 20.0  # the last anchor, a class per size
         return torch.zeros(batch.shape[0], anchors.shape[0], 4), logits
 
-    detector.backend = backend
+    detector.model.forward_raw = network
     (result,) = detector([torch.zeros(3, 60, 80, dtype=torch.uint8)])
     assert seen == [288, 320]
     assert sorted(result["labels"].tolist()) == [2, 3]

@@ -437,8 +437,7 @@ def _predict(
     _check_classes(model, base)
     categories = dataset_category_ids(base)
     post = _postprocessor(model, model_or_detector, settings)
-    # a Detector brings its runtime and its test-time scales and flip; a bare model runs itself once
-    backend = getattr(model_or_detector, "backend", None) or model.forward_raw
+    # a Detector brings its test-time scales and flip; a bare model runs itself once
     scales = list(getattr(model_or_detector, "sizes", None) or [model.input_size])
     flip = bool(getattr(model_or_detector, "flip", False))
     if device is not None:
@@ -455,7 +454,7 @@ def _predict(
         with progress_bar(total=len(dataset), desc="eval", unit="img", enabled=progress) as bar:
             for images, targets in loader:
                 tensors = [torch.as_tensor(im).as_subclass(Tensor).to(device) for im in images]
-                outputs = detect_multiscale(backend, model, post, tensors, scales, flip)
+                outputs = detect_multiscale(model, post, tensors, scales, flip)
                 for output, target, tensor in zip(outputs, targets, tensors):
                     results.extend(_to_coco(output, target, tuple(tensor.shape[-2:]), categories))
                     image_ids.append(int(target["image_id"]))

@@ -3,8 +3,8 @@
     detector = m2det.Detector("m2det512.safetensors", device="cuda")
     result = detector("street.jpg")   # {"boxes", "scores", "labels", "label_names"}
 
-The network runs behind a backend seam (`Backend`: normalised batch -> loc, logits), so another
-runtime can stand in for PyTorch while decoding, multi-scale merging and NMS stay the same.
+The network is the model's `forward_raw`, so another runtime (an `.onnx` file through ONNX
+Runtime) stands in for PyTorch while decoding, multi-scale merging and NMS stay the same.
 """
 
 from __future__ import annotations
@@ -20,23 +20,12 @@ from torch import Tensor
 
 from m2det.boxes.postprocess import PostProcessor, PostprocessSettings, get_settings
 from m2det.device import resolve_device
-from m2det.inference.multiscale import Backend, detect_multiscale
+from m2det.inference.multiscale import detect_multiscale
 from m2det.models.m2det import M2Det, pyramid_sizes
 
 DEFAULT_PRESET = "m2det320_vgg16"
 
 ImageInput = Union[str, Path, np.ndarray, Tensor, Any]  # Any: a PIL image
-
-
-class TorchBackend:
-    """The PyTorch network as a backend: a normalised batch -> `(loc, logits)`."""
-
-    def __init__(self, model: M2Det):
-        self.model = model
-
-    def __call__(self, batch: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.inference_mode():
-            return self.model.forward_raw(batch)
 
 
 class Detector:
@@ -53,7 +42,6 @@ class Detector:
         batch_size: images per forward pass.
         sizes: input sizes for multi-scale testing (e.g. [320, 512, 704]); None: the model's own.
         flip: also run on the mirrored images and merge (flip testing).
-        backend: runs the network (`Backend`); default the PyTorch model.
 
     Calling the detector with one image returns one dict, with a list of images a list of dicts:
     `boxes` (xyxy float32, pixels of the original image), `scores`, `labels` (int64, 1-based) and
@@ -72,7 +60,6 @@ class Detector:
         batch_size: int = 8,
         sizes: Optional[Sequence[int]] = None,
         flip: bool = False,
-        backend: Optional[Backend] = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -89,7 +76,6 @@ class Detector:
             pyramid_sizes(self.model.config, size)  # raises a clear error for a size the net cannot take
         self.flip = bool(flip)
         self.batch_size = int(batch_size)
-        self.backend: Backend = backend if backend is not None else TorchBackend(self.model)
 
     @property
     def settings(self) -> PostprocessSettings:
@@ -116,9 +102,7 @@ class Detector:
                 to_rgb_tensor(image, f"images[{start + i}]").to(self.device) for i, image in enumerate(chunk)
             ]
             with torch.inference_mode():
-                outputs = detect_multiscale(
-                    self.backend, self.model, self.postprocessor, tensors, self.sizes, self.flip
-                )
+                outputs = detect_multiscale(self.model, self.postprocessor, tensors, self.sizes, self.flip)
             results += [
                 {k: v.cpu() if isinstance(v, Tensor) else v for k, v in out.items()} for out in outputs
             ]

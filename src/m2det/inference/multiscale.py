@@ -8,16 +8,12 @@ passes at different sizes and mirrored passes meet in one coordinate frame befor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from m2det.boxes.postprocess import Candidates, PostProcessor
 from m2det.models.m2det import M2Det
-
-# The network as a function: a normalised batch (official convention) -> (loc [N, A, 4], logits [N, A, C]).
-Backend = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def mirror_boxes(boxes: Tensor, widths: Tensor) -> Tensor:
@@ -27,20 +23,23 @@ def mirror_boxes(boxes: Tensor, widths: Tensor) -> Tensor:
 
 
 def gather_candidates(
-    backend: Backend,
     model: M2Det,
     postprocessor: PostProcessor,
     images: Sequence[Tensor],
     sizes: Sequence[int],
     flip: bool = False,
 ) -> Candidates:
-    """Score-filtered boxes of every (size, flip) pass over `images` (CHW RGB tensors), merged."""
+    """Score-filtered boxes of every (size, flip) pass over `images` (CHW RGB tensors), merged.
+
+    The network is `model.forward_raw`, which another runtime overrides (ONNX Runtime, the fast
+    inference path) while decoding, merging and NMS stay the same.
+    """
     parts = []
     for size in sizes:
         batch, image_sizes = model.preprocess(images, size)
         anchors = model.anchors(size)
         for mirrored in (False, True) if flip else (False,):
-            loc, logits = backend(batch.flip(-1) if mirrored else batch)
+            loc, logits = model.forward_raw(batch.flip(-1) if mirrored else batch)
             found = postprocessor.candidates(*postprocessor.decode(loc, logits, anchors, image_sizes))
             if mirrored:
                 widths = found.boxes.new_tensor([w for _, w in image_sizes]).index_select(
@@ -52,7 +51,6 @@ def gather_candidates(
 
 
 def detect_multiscale(
-    backend: Backend,
     model: M2Det,
     postprocessor: PostProcessor,
     images: Sequence[Tensor],
@@ -60,5 +58,5 @@ def detect_multiscale(
     flip: bool = False,
 ) -> list[dict]:
     """Detections for `images` from all passes, suppressed together (one dict per image)."""
-    found = gather_candidates(backend, model, postprocessor, images, sizes, flip)
+    found = gather_candidates(model, postprocessor, images, sizes, flip)
     return postprocessor.suppress(found, len(images))
