@@ -229,12 +229,10 @@ class DetectRun:
 
     # ----- results -----
     def _record(self, path: str, frame: Optional[int], image: Any, result: dict) -> None:
+        from m2det.inference.results import coco_results, detection_records
+
         image_id = len(self.images) + 1
         height, width = image.shape[:2]
-        boxes = result["boxes"].tolist()
-        scores = result["scores"].tolist()
-        labels = result["labels"].tolist()
-        names = result.get("label_names") or [self.detector.class_names[label - 1] for label in labels]
         self.images.append(
             {
                 "id": image_id,
@@ -242,31 +240,12 @@ class DetectRun:
                 "frame": frame,
                 "width": width,
                 "height": height,
-                "detections": [
-                    {
-                        "box": [round(v, 2) for v in box],
-                        "score": round(score, 5),
-                        "label": label,
-                        "name": name,
-                    }
-                    for box, score, label, name in zip(boxes, scores, labels, names)
-                ],
+                "detections": detection_records(result),
             }
         )
-        self.coco += [
-            {
-                "image_id": image_id,
-                "category_id": self._categories[label - 1],
-                "bbox": [
-                    round(box[0], 2),
-                    round(box[1], 2),
-                    round(box[2] - box[0], 2),
-                    round(box[3] - box[1], 2),
-                ],
-                "score": round(score, 5),
-            }
-            for box, score, label in zip(boxes, scores, labels)
-        ]
+        self.coco += coco_results(
+            result["boxes"], result["scores"], result["labels"], image_id, self._categories
+        )
 
     def _draw(self, bgr: Any, result: dict) -> Any:
         import numpy as np

@@ -25,6 +25,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from m2det.engine.voc_eval import mean_ap, voc_evaluate
+from m2det.inference.results import coco_results
 from m2det.io.jsonfile import finite_json, write_json
 from m2det.io.torchfile import atomic_path
 
@@ -472,20 +473,7 @@ def _to_coco(
     orig_h, orig_w = (int(v) for v in torch.as_tensor(target["orig_size"]).tolist())
     scale = torch.tensor([orig_w / size[1], orig_h / size[0]] * 2)
     boxes = output["boxes"].detach().float().cpu() * scale
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
-    image_id = int(target["image_id"])
-    # rounding keeps the file small (0.01 px, 1e-5 in score) and the metrics are taken on these values
-    return [
-        {
-            "image_id": image_id,
-            "category_id": categories[label - 1],
-            "bbox": [round(v, 2) for v in box],
-            "score": round(score, 5),
-        }
-        for box, score, label in zip(
-            xywh.tolist(), output["scores"].float().cpu().tolist(), output["labels"].cpu().tolist()
-        )
-    ]
+    return coco_results(boxes, output["scores"], output["labels"], int(target["image_id"]), categories)
 
 
 def evaluate(

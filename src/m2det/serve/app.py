@@ -16,21 +16,9 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from m2det.inference.detector import Detector
+from m2det.inference.results import detection_records
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
-
-
-def detections_to_json(result: dict[str, Any], min_score: float = 0.0) -> list[dict[str, Any]]:
-    """One dict per detection: `box` [x1, y1, x2, y2] in pixels, `score`, `label`, `name`."""
-    keep = result["scores"] >= min_score
-    boxes = result["boxes"][keep].tolist()
-    scores = result["scores"][keep].tolist()
-    labels = result["labels"][keep].tolist()
-    names = [n for n, k in zip(result["label_names"], keep.tolist()) if k]
-    return [
-        {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "name": name}
-        for box, score, label, name in zip(boxes, scores, labels, names)
-    ]
 
 
 def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> FastAPI:
@@ -81,7 +69,7 @@ def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> Fa
             "width": int(image.shape[1]),
             "height": int(image.shape[0]),
             "time_ms": round(elapsed, 2),
-            "detections": detections_to_json(result, min_score or 0.0),
+            "detections": detection_records(result, min_score or 0.0),
         }
 
     return app
