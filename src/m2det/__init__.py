@@ -19,7 +19,7 @@ def anchors(name_or_config: Union[str, ModelConfig], input_size: Union[int, None
 
     config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     size = int(input_size or config.input_size)
-    return AnchorGenerator(config.anchors)(size, pyramid_sizes(config, size), config.input_size)
+    return AnchorGenerator(config.anchors, config.input_size)(size, pyramid_sizes(config, size))
 
 
 def load_official(model: M2Det, path_or_state_dict, strict: bool = True):  # noqa: ANN001

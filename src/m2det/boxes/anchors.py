@@ -24,21 +24,18 @@ class AnchorGenerator:
     side, rounded to 2 decimals like the official `get_scales`.
     """
 
-    def __init__(self, config: AnchorConfig):
+    def __init__(self, config: AnchorConfig, native_size: int):
         self.config = config
+        self.native_size = int(native_size)
         self._cache: dict[tuple[int, tuple[int, ...], bool], Tensor] = {}
 
-    def __call__(
-        self, image_size: int, feature_sizes: Sequence[int], native_size: Optional[int] = None
-    ) -> Tensor:
+    def __call__(self, image_size: int, feature_sizes: Sequence[int]) -> Tensor:
         """Anchors for a square input of `image_size` whose pyramid has `feature_sizes`.
 
         The configured `steps` hold for one input size only (`native_size`, the model's own); at
         any other size each step is derived from its feature map, so centres stay on the cells.
         """
-        use_steps = self.config.steps is not None and (
-            native_size is None or int(native_size) == int(image_size)
-        )
+        use_steps = self.config.steps is not None and int(image_size) == self.native_size
         key = (int(image_size), tuple(int(f) for f in feature_sizes), use_steps)
         if key not in self._cache:
             self._cache[key] = self._generate(*key)

@@ -49,7 +49,7 @@ class M2Det(nn.Module):
             config.num_classes,
             config.mlfpn.num_scales,
         )
-        self.anchor_generator = AnchorGenerator(config.anchors)
+        self.anchor_generator = AnchorGenerator(config.anchors, config.input_size)
         self.box_coder = BoxCoder(config.anchors.variances)
         self.register_buffer(
             "pixel_means", torch.tensor(config.pixel_means).view(1, 3, 1, 1), persistent=False
@@ -84,7 +84,7 @@ class M2Det(nn.Module):
     def anchors(self, input_size: Optional[int] = None) -> Tensor:
         """Anchors `[A, 4]` (cx, cy, w, h), normalised, for a square input of `input_size`."""
         size = int(input_size or self.input_size)
-        return self.anchor_generator(size, pyramid_sizes(self.config, size), self.config.input_size)
+        return self.anchor_generator(size, pyramid_sizes(self.config, size))
 
     # ----- network -----
     def forward_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
