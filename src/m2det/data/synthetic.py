@@ -107,7 +107,7 @@ class ShapesConfig:
             object.__setattr__(self, name, tuple(value))
         self.validate()
 
-    def validate(self) -> ShapesConfig:
+    def validate(self) -> None:
         """Raise a ValueError naming the field when a value cannot work."""
         if self.width < 32 or self.height < 32:
             raise ValueError(f"width and height must be >= 32 pixels, got {self.width}x{self.height}")
@@ -142,7 +142,6 @@ class ShapesConfig:
             raise ValueError(f"image_format must be 'jpg' or 'png', got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -167,10 +166,6 @@ class ShapeObject:
     visible_area: int = 0  # pixels still its own in the finished image
     box: Optional[tuple[int, int, int, int]] = None
     annotated: bool = True
-
-    @property
-    def visible_fraction(self) -> float:
-        return self.visible_area / self.full_area
 
 
 @dataclass
@@ -262,9 +257,10 @@ def _add_object(
         placed = _rasterise(points + center)
         if placed is None or (not overlap and _touches(placed, boxes)):
             continue
-        if _hides_too_much(sample, placed, config.min_visible):
+        lost = _pixels_lost(sample, placed)
+        if _hides_too_much(sample, lost, config.min_visible):
             continue
-        _draw(rng, sample, placed, label)
+        _draw(rng, sample, placed, lost, label)
         mh, mw = placed.mask.shape
         boxes.append((placed.x0, placed.y0, placed.x0 + mw, placed.y0 + mh))
         return
@@ -290,12 +286,13 @@ def _touches(placed: _Placed, boxes: list[tuple[int, int, int, int]], margin: in
     return any(x0 < bx1 and bx0 < x1 and y0 < by1 and by0 < y1 for bx0, by0, bx1, by1 in boxes)
 
 
-def _hides_too_much(sample: ShapesSample, placed: _Placed, min_visible: float) -> bool:
+def _pixels_lost(sample: ShapesSample, placed: _Placed) -> np.ndarray:
+    """How many of each drawn object's visible pixels the placement would cover."""
     covered = sample.owner[placed.region][placed.mask]
-    covered = covered[covered >= 0]
-    if covered.size == 0:
-        return False
-    lost = np.bincount(covered, minlength=len(sample.objects))
+    return np.bincount(covered[covered >= 0], minlength=len(sample.objects))
+
+
+def _hides_too_much(sample: ShapesSample, lost: np.ndarray, min_visible: float) -> bool:
     return any(
         obj.visible_area - lost[k] < min_visible * obj.full_area
         for k, obj in enumerate(sample.objects)
@@ -303,7 +300,9 @@ def _hides_too_much(sample: ShapesSample, placed: _Placed, min_visible: float) -
     )
 
 
-def _draw(rng: np.random.Generator, sample: ShapesSample, placed: _Placed, label: int) -> None:
+def _draw(
+    rng: np.random.Generator, sample: ShapesSample, placed: _Placed, lost: np.ndarray, label: int
+) -> None:
     region = placed.region
     under = sample.image[region][placed.mask]
     under = under[:: max(1, len(under) // 256)].astype(np.int32)  # a sample of what it covers is enough
@@ -311,9 +310,8 @@ def _draw(rng: np.random.Generator, sample: ShapesSample, placed: _Placed, label
     # the colour that stands out best from what it covers (the 5th percentile of L1 distances)
     distance = np.abs(under[None, :, :] - candidates[:, None, :]).sum(axis=2)
     color = candidates[int(np.argmax(np.percentile(distance, 5, axis=1)))]
-    covered = sample.owner[region][placed.mask]
-    for k, count in zip(*np.unique(covered[covered >= 0], return_counts=True)):
-        sample.objects[k].visible_area -= int(count)
+    for obj, count in zip(sample.objects, lost.tolist()):
+        obj.visible_area -= count
     sample.image[region][placed.mask] = color
     sample.owner[region][placed.mask] = len(sample.objects)
     area = int(placed.mask.sum())
