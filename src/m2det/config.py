@@ -191,8 +191,9 @@ def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     if unknown:
         raise KeyError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {}
+    defaults = cls()
     for name, value in data.items():
-        default = getattr(cls(), name)
+        default = getattr(defaults, name)
         if is_dataclass(default):
             kwargs[name] = dataclass_from_dict(type(default), value, f"{where}.{name}")
         elif isinstance(default, tuple) and value is not None:

@@ -151,7 +151,7 @@ class PostProcessor:
 
     def candidates(self, boxes: Tensor, probs: Tensor) -> Candidates:
         """The (image, anchor, class) triples scoring above the threshold, background excluded."""
-        num_images, num_anchors, num_classes = probs.shape
+        _, num_anchors, num_classes = probs.shape
         above = probs > self.settings.score_threshold
         above[..., 0] = False
         flat = above.view(-1).nonzero().squeeze(1)  # in (image, anchor, class) order
@@ -169,8 +169,8 @@ class PostProcessor:
         num_labels = int(found.labels.max()) + 1 if found.labels.numel() else 1
         groups = found.image_index * num_labels + found.labels
         if s.pre_nms_top_k is not None:
-            found = found.take(top_k_per_group(found.scores, groups, s.pre_nms_top_k).nonzero().squeeze(1))
-            groups = found.image_index * num_labels + found.labels
+            kept = top_k_per_group(found.scores, groups, s.pre_nms_top_k).nonzero().squeeze(1)
+            found, groups = found.take(kept), groups.index_select(0, kept)
         offset = 1.0 if s.plus_one else 0.0
         if s.nms == "hard":
             # IoU with "+1" areas equals the plain IoU of boxes grown by one pixel at x2, y2

@@ -78,14 +78,7 @@ class AffineInputConv2d(nn.Module):
 
 def _fold_sequential(seq: nn.Sequential) -> int:
     names = list(seq._modules)
-    folded = 0
-    for first, second in zip(names, names[1:]):
-        conv, bn = seq._modules[first], seq._modules[second]
-        if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
-            setattr(seq, first, fuse_conv_bn_eval(conv, bn))
-            setattr(seq, second, nn.Identity())
-            folded += 1
-    return folded
+    return _fold_named_pairs(seq, tuple(zip(names, names[1:])))
 
 
 def _fold_named_pairs(module: nn.Module, pairs: tuple[tuple[str, str], ...]) -> int:

@@ -74,13 +74,10 @@ def _inference_class(cls: type[M2Det]) -> type[InferenceM2Det]:
     return type(f"Inference{cls.__name__}", (InferenceM2Det, cls), {})
 
 
-def default_options(device: torch.device) -> InferenceOptions:
-    """The settings that `benchmarks/inference_options.py` found to pay on a CPU (docs/deploy.md).
-
-    GPUs could not be measured for this project; they get the same settings, with autocast and
-    CUDA graphs left to the caller.
-    """
-    return InferenceOptions(fold_batchnorm=True, channels_last=True, compile=False)
+# The settings that `benchmarks/inference_options.py` and `m2det bench` found to pay on a CPU
+# (docs/deploy.md). GPUs could not be measured for this project; they get the same, with autocast
+# and CUDA graphs left to the caller.
+DEFAULT_OPTIONS = InferenceOptions(fold_batchnorm=True, channels_last=True, compile=False)
 
 
 def optimize_for_inference(
@@ -94,7 +91,7 @@ def optimize_for_inference(
 ) -> InferenceM2Det:
     """A copy of `model`, in eval mode, prepared for fast inference; `model` itself is untouched.
 
-    Options left at None take `default_options` for the model's device. `precision` other than
+    Options left at None take `DEFAULT_OPTIONS`. `precision` other than
     fp32 runs under autocast (outputs differ from fp32 by the reduced precision). `cuda_graphs`
     (CUDA only) compiles with mode "reduce-overhead", which replays the network as a CUDA graph.
     """
@@ -105,7 +102,7 @@ def optimize_for_inference(
     device = next(model.parameters()).device
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a model on a CUDA device, this one is on {device}")
-    defaults = default_options(device)
+    defaults = DEFAULT_OPTIONS
     options = InferenceOptions(
         fold_batchnorm=defaults.fold_batchnorm if fold_batchnorm is None else fold_batchnorm,
         channels_last=defaults.channels_last if channels_last is None else channels_last,
