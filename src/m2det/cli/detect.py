@@ -163,8 +163,9 @@ class DetectRun:
     def _images(self, batch: list[tuple[str, Any]]) -> None:
         if not batch:
             return
-        results = self.detector.detect([image for _, image in batch])
-        for (path, image), result in zip(batch, results):
+        rgb = self._rgb([image for _, image in batch])
+        results = self.detector.detect(rgb)
+        for (path, _), image, result in zip(batch, rgb, results):
             self._record(path, None, image, result)
             if self.save:
                 self._write_image(path, self._draw(image, result))
@@ -213,12 +214,13 @@ class DetectRun:
     def _frames(self, item: Any, batch: list[Any], first: int, writer: Any, path: Path, fps: float) -> Any:
         import cv2
 
-        results = self.detector.detect(batch)
-        for offset, (frame, result) in enumerate(zip(batch, results)):
+        rgb = self._rgb(batch)
+        results = self.detector.detect(rgb)
+        for offset, (frame, result) in enumerate(zip(rgb, results)):
             self._record(item.path if item.kind == "video" else item.name, first + offset, frame, result)
             if self.save:
                 if writer is None:
-                    height, width = frame.shape[:2]
+                    height, width = frame.shape[-2:]
                     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
                     if not writer.isOpened():
                         raise ValueError(f"{path}: OpenCV cannot write mp4v video here; use --no-save")
@@ -228,11 +230,18 @@ class DetectRun:
         return writer
 
     # ----- results -----
+    @staticmethod
+    def _rgb(images: list[Any]) -> list[Any]:
+        """OpenCV images (BGR HWC) as the RGB CHW tensors that both detection and drawing take."""
+        from m2det.inference.detector import to_rgb_tensor
+
+        return [to_rgb_tensor(image) for image in images]
+
     def _record(self, path: str, frame: Optional[int], image: Any, result: dict) -> None:
         from m2det.inference.results import coco_results, detection_records
 
         image_id = len(self.images) + 1
-        height, width = image.shape[:2]
+        height, width = (int(v) for v in image.shape[-2:])
         self.images.append(
             {
                 "id": image_id,
@@ -247,14 +256,14 @@ class DetectRun:
             result["boxes"], result["scores"], result["labels"], image_id, self._categories
         )
 
-    def _draw(self, bgr: Any, result: dict) -> Any:
+    def _draw(self, rgb: Any, result: dict) -> Any:
+        """The detections drawn on an RGB CHW image, as an OpenCV (BGR HWC) array to encode."""
         import numpy as np
 
-        from m2det.inference.detector import to_rgb_tensor
         from m2det.visualize import draw_detections
 
         drawn = draw_detections(
-            to_rgb_tensor(bgr), result["boxes"], result["labels"], result["scores"], self.detector.class_names
+            rgb, result["boxes"], result["labels"], result["scores"], self.detector.class_names
         )
         return np.ascontiguousarray(drawn.permute(1, 2, 0).numpy()[..., ::-1])
 
