@@ -6,7 +6,6 @@ Class names are the json's categories in id order; labels are their positions + 
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +23,7 @@ from m2det.data.base import (
     make_record,
     parse_number,
 )
+from m2det.io.jsonfile import read_json
 
 
 def image_dir_candidates(annotation_file: Path) -> list[Path]:
@@ -48,12 +48,7 @@ def find_image_dir(annotation_file: Path, first_file_name: Optional[str]) -> Pat
 
 def load_coco_json(path: Path) -> dict[str, Any]:
     """The json as a dict with `images`, `annotations` and `categories` lists, or a `DatasetError`."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: annotation file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, "annotation file", error=DatasetError)
     if not isinstance(data, dict):
         raise DatasetError(
             f"{path}: expected a COCO object with 'images' and 'categories', got {type(data).__name__}"

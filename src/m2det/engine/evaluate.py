@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import math
 import time
 import warnings
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from m2det.engine.voc_eval import mean_ap, voc_evaluate
 from m2det.inference.results import coco_results
-from m2det.io.jsonfile import finite_json, write_json
+from m2det.io.jsonfile import finite_json, read_json, write_json
 from m2det.io.torchfile import atomic_path
 
 # The 12 numbers of COCOeval.summarize() for boxes, in its order.
@@ -181,13 +180,7 @@ def read_detections(
     path: Union[str, Path], coco_gt: COCO, category_ids: Optional[Sequence[int]] = None
 ) -> list[dict[str, Any]]:
     """A COCO results JSON file, checked as `check_detections` does (errors name the file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"detections file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, "detections file")
     return check_detections(data, coco_gt, str(path), category_ids)
 
 

@@ -1,4 +1,4 @@
-"""JSON files written atomically, with NaN and infinities as null so any JSON reader accepts them."""
+"""JSON files: read with errors that name the file; written atomically, NaN and infinities as null."""
 
 from __future__ import annotations
 
@@ -8,6 +8,18 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from m2det.io.torchfile import atomic_path
+
+
+def read_json(path: Union[str, Path], what: str = "file", error: type[Exception] = ValueError) -> Any:
+    """The parsed content of `path`; a missing file or invalid JSON raises `error` naming the file
+    (`what` says which file it was meant to be)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
 
 
 def finite_json(value: Any) -> Any:
