@@ -188,6 +188,14 @@ def test_bad_detections_are_named(tmp_path):
         check_detections([{**good, "category_id": 3}], gt, "res.json")
     with pytest.raises(ValueError, match="field 'bbox'"):
         check_detections([{**good, "bbox": [1, 2, -3, 4]}], gt, "res.json")
+    # JSON true is a Python int equal to 1, and 1.0 == 1: an id must be a real integer all the same
+    for name in ("image_id", "category_id"):
+        for value in (True, float(good[name]), str(good[name])):
+            with pytest.raises(ValueError) as error:
+                check_detections([good, {**good, name: value}], gt, "res.json")
+            assert (
+                str(error.value) == f"res.json: detection 1: field {name!r} must be an integer, got {value!r}"
+            )
 
 
 # ----- m2det eval --detections -----

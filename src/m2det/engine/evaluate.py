@@ -12,7 +12,7 @@ import io
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -114,6 +114,47 @@ def _cell(value: float) -> str:
 
 
 # ----- checking a detections list -----
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is a Python int
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_xywh(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 4
+        and all(_is_number(v) for v in value)
+        and value[2] >= 0
+        and value[3] >= 0
+    )
+
+
+# Field kinds: the test a value must pass and what the error says was expected.
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "id": (_is_id, "an integer"),
+    "number": (_is_number, "a finite number"),
+    "bbox": (_is_xywh, "[x, y, w, h] with w, h >= 0"),
+}
+DETECTION_FIELDS: dict[str, str] = {"image_id": "id", "category_id": "id", "bbox": "bbox", "score": "number"}
+
+
+def _check_fields(entry: Any, fields: dict[str, str], where: str) -> None:
+    """Raise a ValueError naming `where` and the field unless `entry` is an object whose `fields`
+    (name -> kind of `_KINDS`) are all present and valid."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+    missing = [name for name in fields if name not in entry]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+    for name, kind in fields.items():
+        test, expected = _KINDS[kind]
+        if not test(entry[name]):
+            raise ValueError(f"{where}: field {name!r} must be {expected}, got {entry[name]!r}")
+
+
 def check_detections(
     detections: Any,
     coco_gt: COCO,
@@ -122,9 +163,10 @@ def check_detections(
 ) -> list[dict[str, Any]]:
     """Validate a COCO results list against the ground truth; return clean copies.
 
-    Each entry needs an `image_id` of `coco_gt`, a `category_id` of `category_ids` (default: those
-    of `coco_gt`), `bbox` [x, y, w, h] with w, h >= 0 and a numeric `score`. Errors name `source`,
-    the entry and the field.
+    Each entry needs an integer `image_id` of `coco_gt`, an integer `category_id` of `category_ids`
+    (default: those of `coco_gt`), `bbox` [x, y, w, h] with w, h >= 0 and a numeric `score`. Errors
+    name `source`, the entry and the field, where pycocotools would fail with a traceback, silently
+    leave the detection out (an unknown category) or take `true` for the id 1.
     """
     if not isinstance(detections, list):
         raise ValueError(
@@ -135,22 +177,7 @@ def check_detections(
     clean = []
     for i, det in enumerate(detections):
         where = f"{source}: detection {i}"
-        if not isinstance(det, dict):
-            raise ValueError(f"{where}: expected an object, got {type(det).__name__}")
-        missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in det]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}")
-        bbox, score = det["bbox"], det["score"]
-        if (
-            not isinstance(bbox, (list, tuple))
-            or len(bbox) != 4
-            or not all(_is_number(v) for v in bbox)
-            or bbox[2] < 0
-            or bbox[3] < 0
-        ):
-            raise ValueError(f"{where}: field 'bbox' must be [x, y, w, h] with w, h >= 0, got {bbox!r}")
-        if not _is_number(score):
-            raise ValueError(f"{where}: field 'score' must be a number, got {score!r}")
+        _check_fields(det, DETECTION_FIELDS, where)
         if det["image_id"] not in image_ids:
             raise ValueError(
                 f"{where}: field 'image_id' {det['image_id']!r} is not an image of the ground truth "
@@ -158,22 +185,18 @@ def check_detections(
             )
         if det["category_id"] not in known_categories:
             raise ValueError(
-                f"{where}: field 'category_id' {det['category_id']!r} is not a category of the data set "
+                f"{where}: field 'category_id' {det['category_id']!r} is not a category of the ground truth "
                 f"(ids {sorted(known_categories)[:20]})"
             )
         clean.append(
             {
                 "image_id": det["image_id"],
                 "category_id": det["category_id"],
-                "bbox": [float(v) for v in bbox],
-                "score": float(score),
+                "bbox": [float(v) for v in det["bbox"]],
+                "score": float(det["score"]),
             }
         )
     return clean
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_detections(
