@@ -97,14 +97,17 @@ def _shifted_detections() -> list[dict]:
     return dets
 
 
-def _pycocotools_stats(gt_file: Path, detections: list[dict], cat_ids=None) -> np.ndarray:
-    """The reference: pycocotools called directly, as its README shows."""
+def _pycocotools_stats(gt_file: Path, detections, cat_ids=None, img_ids=None) -> np.ndarray:
+    """The reference: pycocotools called directly, as its README shows (`detections`: a list or a
+    results file)."""
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_file))
-        dt = gt.loadRes(copy.deepcopy(detections))
+        dt = gt.loadRes(str(detections) if isinstance(detections, Path) else copy.deepcopy(detections))
         cocoeval = COCOeval(gt, dt, "bbox")
         if cat_ids is not None:
             cocoeval.params.catIds = cat_ids
+        if img_ids is not None:
+            cocoeval.params.imgIds = img_ids
         cocoeval.evaluate()
         cocoeval.accumulate()
         cocoeval.summarize()
@@ -226,9 +229,7 @@ def test_cli_detections_on_coco_json(tmp_path):
     _run(["--data", str(gt_file), "--detections", str(tmp_path / "results.json"), "--out", str(out)])
     metrics, written, rows = _outputs(out)
     expected = _pycocotools_stats(gt_file, detections)
-    assert [metrics["metrics"][name] for name in STAT_NAMES] == pytest.approx(
-        [float(v) for v in expected], abs=1e-12
-    )
+    assert [metrics["metrics"][name] for name in STAT_NAMES] == [float(v) for v in expected]
     assert written == detections  # the json's own category ids, untouched
     assert [(r["class"], int(r["category_id"])) for r in rows] == [(c["name"], c["id"]) for c in CATEGORIES]
     assert int(rows[2]["num_gt"]) == 2  # bird: the crowd box does not count
@@ -246,6 +247,171 @@ def test_cli_detections_errors_name_the_file_and_field(tmp_path):
     assert "bad.json" in result.output and "category_id" in result.output
     result = CliRunner().invoke(app, ["eval", "--data", str(gt_file)])
     assert result.exit_code == 2 and "--weights" in result.output
+
+
+# A public-style COCO file as pycocotools sees it: no image files, ids in no particular order,
+# non-contiguous category ids, float boxes, segmentation areas that are not w*h, crowd regions and
+# images without annotations.
+EXACT_CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 7, "name": "train"},
+                    {"id": 90, "name": "toothbrush"}]  # fmt: skip
+EXACT_IMAGES = {42: (640, 480), 7: (500, 375), 139: (640, 427), 3: (320, 240), 1000: (612, 612)}
+EXACT_BOXES = [  # annotation id, image id, category id, [x, y, w, h], area, iscrowd
+    (900100, 42, 1, [10.37, 20.81, 150.25, 300.62], 31415.9, 0),  # large box, large area
+    (17, 42, 1, [200.5, 40.25, 38.7, 52.3], 1010.25, 0),  # w*h 2024 (medium), area small
+    (5, 42, 3, [300.0, 200.0, 120.4, 60.6], 7296.24, 1),  # crowd
+    (2500, 42, 90, [420.11, 300.33, 9.9, 30.3], 150.0, 0),
+    (8, 7, 3, [50.5, 60.5, 80.25, 40.75], 2800.5, 0),  # w*h 3270 (medium), area medium
+    (9, 7, 7, [120.0, 100.0, 300.5, 200.25], 48000.0, 0),
+    (10, 7, 1, [0.0, 0.0, 30.25, 95.75], 1200.5, 0),
+    (11, 7, 1, [10.0, 5.0, 200.0, 150.0], 25000.0, 1),  # crowd over the person at the left
+    (77, 139, 90, [100.75, 100.25, 60.5, 45.25], 1500.0, 0),
+    (78, 139, 7, [5.5, 150.5, 600.0, 250.0], 98765.4, 0),
+    (79, 139, 3, [400.0, 20.0, 33.3, 33.3], 1108.89, 0),  # w*h 1108.89: medium either way
+    # what a detour through float32 boxes, clipped to the image, would change: an area just over
+    # 32**2 (medium only; 1024.0, also small, in float32) and a box past the image's right edge
+    (80, 139, 3, [200.25, 300.5, 30.5, 33.75], 1024.00001, 0),
+    (81, 42, 7, [610.5, 100.25, 36.0, 50.0], 1500.0, 0),
+]  # images 3 and 1000 have none
+
+
+def _exact_case(tmp_path: Path) -> tuple[Path, Path, list[dict]]:
+    """The ground-truth json, a results file for it (hits, near misses, duplicates, detections on
+    crowd regions and on images without boxes) and the results as a list."""
+    images = [
+        {"id": i, "file_name": f"{i:012d}.jpg", "width": w, "height": h} for i, (w, h) in EXACT_IMAGES.items()
+    ]
+    annotations = [
+        {
+            "id": a,
+            "image_id": i,
+            "category_id": c,
+            "bbox": b,
+            "area": area,
+            "iscrowd": crowd,
+            "segmentation": [],
+        }
+        for a, i, c, b, area, crowd in EXACT_BOXES
+    ]
+    gt_file = tmp_path / "instances_val.json"
+    gt_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": EXACT_CATEGORIES})
+    )
+    rng = np.random.default_rng(7)
+    detections = []
+    for k, (_, i, c, (x, y, w, h), _, _) in enumerate(EXACT_BOXES):
+        for j in range(1 + k % 3):  # some duplicated
+            jitter = rng.normal(0, 0.08 * (j + 1), 4)
+            box = [x + jitter[0] * w, y + jitter[1] * h, w * (1 + jitter[2]), h * (1 + jitter[3])]
+            detections.append(
+                {
+                    "image_id": i,
+                    "category_id": c,
+                    "bbox": [round(v, 3) for v in box],
+                    "score": round(float(rng.uniform(0.05, 1)), 5),
+                }
+            )
+    for _, i, c, box, _, _ in EXACT_BOXES[-2:]:  # exact hits: IoU 1, or 0.82 with the box clipped
+        detections.append({"image_id": i, "category_id": c, "bbox": box, "score": 0.97})
+    for _ in range(12):  # false positives, also on the images without boxes
+        i = int(rng.choice(list(EXACT_IMAGES)))
+        x, y = rng.uniform(0, 200, 2)
+        box = [float(x), float(y), float(rng.uniform(5, 150)), float(rng.uniform(5, 150))]
+        category = int(rng.choice([c["id"] for c in EXACT_CATEGORIES]))
+        detections.append(
+            {"image_id": i, "category_id": category, "bbox": box, "score": float(rng.uniform(0, 1))}
+        )
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(detections))
+    return gt_file, results_file, detections
+
+
+def test_cli_scores_a_coco_json_exactly_as_pycocotools_without_images(tmp_path):
+    gt_file, results_file, detections = _exact_case(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["instances_val.json", "results.json"]  # no images
+    expected = [float(v) for v in _pycocotools_stats(gt_file, results_file)]
+    assert -1.0 not in expected and 0.2 < expected[0] < 0.9  # every area range has boxes; not trivial
+    # the case is sensitive to the annotations' own areas: recomputed ones give other numbers
+    data = json.loads(gt_file.read_text())
+    for annotation in data["annotations"]:
+        annotation["area"] = annotation["bbox"][2] * annotation["bbox"][3]
+    recomputed = tmp_path / "recomputed" / "instances_val.json"
+    recomputed.parent.mkdir()
+    recomputed.write_text(json.dumps(data))
+    assert [float(v) for v in _pycocotools_stats(recomputed, results_file)] != expected
+
+    out = tmp_path / "out"
+    result = _run(["--data", str(gt_file), "--detections", str(results_file), "--out", str(out)])
+    metrics, written, rows = _outputs(out)
+    assert [metrics["metrics"][name] for name in STAT_NAMES] == expected  # every stat, exactly
+    for name, value in zip(STAT_NAMES, expected):  # and the printed digits are pycocotools' digits
+        assert f" {name} " in result.output and f" {value:.4f} " in result.output, name
+    assert metrics["num_images"] == len(EXACT_IMAGES) and metrics["note"] is None
+    assert written == detections
+    assert [(r["class"], int(r["category_id"])) for r in rows] == [
+        (c["name"], c["id"]) for c in EXACT_CATEGORIES
+    ]
+    assert [int(r["num_gt"]) for r in rows] == [3, 3, 3, 2]  # crowd boxes do not count
+
+    # --max-images N: the first N images of the json, as pycocotools with those image ids
+    _run(["--data", str(gt_file), "--detections", str(results_file), "--out", str(out), "--max-images", "2"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = [float(v) for v in _pycocotools_stats(gt_file, results_file, img_ids=[7, 42])]
+    assert [metrics["metrics"][name] for name in STAT_NAMES] == expected and metrics["num_images"] == 2
+
+
+def _invoke_error(args: list[str]) -> str:
+    """Run `m2det eval` expecting a user error: exit code 2 and one message, no traceback."""
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("field", ["image_id", "category_id"])
+@pytest.mark.parametrize("value", [True, 42.0, "42", None])
+def test_cli_refuses_non_integer_ids_naming_file_entry_and_field(tmp_path, field, value):
+    gt_file, results_file, detections = _exact_case(tmp_path)
+    detections[3][field] = value  # True == 1 and 42.0 == 42 in Python: neither may pass for an id
+    results_file.write_text(json.dumps(detections))
+    message = _invoke_error(
+        ["--data", str(gt_file), "--detections", str(results_file), "--out", str(tmp_path)]
+    )
+    assert f"{results_file}: detection 3: field '{field}' must be an integer, got {value!r}" in message
+
+
+@pytest.mark.parametrize(("field", "value"), [("image_id", 5), ("category_id", 2)])
+def test_cli_refuses_ids_not_in_the_ground_truth(tmp_path, field, value):
+    # pycocotools would stop on an unknown image with an assertion and leave an unknown category out
+    gt_file, results_file, detections = _exact_case(tmp_path)
+    detections[1][field] = value
+    results_file.write_text(json.dumps(detections))
+    message = _invoke_error(
+        ["--data", str(gt_file), "--detections", str(results_file), "--out", str(tmp_path)]
+    )
+    assert f"{results_file}: detection 1: field '{field}' {value} is not" in message
+    assert "of the ground truth" in message
+
+
+@pytest.mark.parametrize(
+    ("entry", "change", "expected"),
+    [
+        ("annotations", {"area": None}, "annotations[2]: missing field(s) ['area']"),
+        ("annotations", {"iscrowd": 2}, "annotations[2]: field 'iscrowd' must be 0 or 1, got 2"),
+        ("annotations", {"bbox": [1, 2, 3]}, "annotations[2]: field 'bbox' must be [x, y, w, h]"),
+        ("images", {"id": True}, "images[2]: field 'id' must be an integer, got True"),
+        ("categories", {"id": "3"}, "categories[2]: field 'id' must be an integer, got '3'"),
+    ],
+)
+def test_cli_malformed_ground_truth_is_named(tmp_path, entry, change, expected):
+    gt_file, results_file, _ = _exact_case(tmp_path)
+    data = json.loads(gt_file.read_text())
+    data[entry][2].update(change)
+    data[entry][2] = {k: v for k, v in data[entry][2].items() if v is not None}
+    gt_file.write_text(json.dumps(data))
+    message = _invoke_error(
+        ["--data", str(gt_file), "--detections", str(results_file), "--out", str(tmp_path)]
+    )
+    assert f"{gt_file}: {expected}" in message
 
 
 def _voc_folder(tmp_path: Path) -> Path:
@@ -339,6 +505,30 @@ def test_cli_weights_on_bccd(bccd_root, tiny_weights, tmp_path):
     again = tmp_path / "again"
     _run([*args, "--detections", str(out / "detections.json"), "--out", str(again)])
     assert json.loads((again / "metrics.json").read_text())["metrics"] == metrics["metrics"]
+
+
+def test_cli_weights_on_coco_json(tmp_path, one_thread):
+    # running a model still goes through the data set (it needs the images); detections carry the
+    # json's own category ids and are scored on the images seen
+    from m2det.io.checkpoint import save_model
+    from m2det.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("m2det_tiny", num_classes=4, class_names=[c["name"] for c in CATEGORIES])
+    weights = save_model(model, tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    args = ["--data", str(_coco_json(tmp_path)), "--max-images", "2", "--device", "cpu", "--out", str(out)]
+    _run([*args, "--weights", str(weights), "--score", "0.01"])
+    metrics, detections, rows = _outputs(out)
+    assert metrics["num_images"] == 2 and metrics["voc_plus_one"] is False
+    assert detections and {d["image_id"] for d in detections} <= {1, 2}
+    assert {d["category_id"] for d in detections} <= {c["id"] for c in CATEGORIES}
+    assert [r["class"] for r in rows] == [c["name"] for c in CATEGORIES]
+    # its detections.json scored as a results file on the json as written: the same COCO numbers
+    again = tmp_path / "again"
+    _run([*args[:-2], "--detections", str(out / "detections.json"), "--out", str(again)])
+    rescored = json.loads((again / "metrics.json").read_text())["metrics"]
+    assert [rescored[name] for name in STAT_NAMES] == [metrics["metrics"][name] for name in STAT_NAMES]
 
 
 def test_evaluate_resized_images_give_boxes_in_original_pixels(bccd_root, tiny_weights):

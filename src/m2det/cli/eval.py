@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from m2det.cli.common import parse_sizes, user_errors
+
+if TYPE_CHECKING:
+    from m2det.engine.evaluate import EvalResult
 
 
 def register(app: typer.Typer) -> None:
@@ -62,34 +65,15 @@ def evaluate_command(
     """
     from m2det.cli.common import next_run_dir
     from m2det.data import build_dataset
-    from m2det.engine.evaluate import (
-        dataset_category_ids,
-        evaluate,
-        is_voc,
-        read_detections,
-        score_detections,
-    )
+    from m2det.engine.evaluate import evaluate, is_voc
 
     if (weights is None) == (detections is None):
         raise ValueError("give exactly one of --weights (run a model) or --detections (score a results file)")
     if detections is not None and preset is not None:
         raise ValueError("--preset goes with --weights (an official .pth checkpoint), not with --detections")
-    dataset = build_dataset(data, split, keep_ignored=True)
-    pixel_inclusive = is_voc(dataset) if voc_plus_one is None else voc_plus_one
-    extra: dict[str, Any] = {"data": str(data), "split": split, "voc_plus_one": pixel_inclusive}
+    extra: dict[str, Any] = {"data": str(data), "split": split}
     if detections is not None:
-        coco_gt = dataset.coco_gt()
-        category_ids = dataset_category_ids(dataset)
-        found = read_detections(detections, coco_gt, category_ids)
-        count = min(max_images or len(dataset), len(dataset))
-        image_ids = [dataset.image_info(i).image_id for i in range(count)]
-        result = score_detections(
-            coco_gt,
-            found,
-            category_ids=category_ids,
-            image_ids=image_ids,
-            voc_pixel_inclusive=pixel_inclusive,
-        )
+        result, extra["voc_plus_one"] = _score_results_file(detections, data, split, max_images, voc_plus_one)
         extra["detections"] = str(detections)
     else:
         from dataclasses import asdict
@@ -97,6 +81,9 @@ def evaluate_command(
         from m2det.device import resolve_device
         from m2det.inference.detector import Detector
 
+        dataset = build_dataset(data, split, keep_ignored=True)
+        pixel_inclusive = is_voc(dataset) if voc_plus_one is None else voc_plus_one
+        extra["voc_plus_one"] = pixel_inclusive
         detector = Detector(
             weights,
             preset=preset,
@@ -128,11 +115,51 @@ def evaluate_command(
     _print_report(result, out_dir, paths)
 
 
+def _score_results_file(
+    detections: Path, data: str, split: str, max_images: Optional[int], voc_plus_one: Optional[bool]
+) -> tuple[EvalResult, bool]:
+    """Score a COCO results file (all images, or the first `max_images`); also return whether VOC AP
+    used the +1 pixel convention.
+
+    A COCO json is read as written and scored as pycocotools scores it, so the numbers are
+    pycocotools' to the last digit and no image files are needed. VOC and YOLO ground truth goes
+    through the data set, which turns it into COCO form.
+    """
+    from m2det.data import build_dataset
+    from m2det.engine.evaluate import (
+        dataset_category_ids,
+        is_voc,
+        read_coco_gt,
+        read_detections,
+        score_detections,
+    )
+
+    category_ids: Optional[list[int]] = None  # a COCO json's own ids
+    if Path(data).suffix.lower() == ".json":  # a COCO json, as build_dataset decides
+        coco_gt = read_coco_gt(data)
+        image_ids = [image["id"] for image in coco_gt.dataset["images"]]
+        pixel_inclusive = bool(voc_plus_one)
+    else:
+        dataset = build_dataset(data, split, keep_ignored=True)
+        coco_gt = dataset.coco_gt()
+        category_ids = dataset_category_ids(dataset)
+        image_ids = [dataset.image_info(i).image_id for i in range(len(dataset))]
+        pixel_inclusive = is_voc(dataset) if voc_plus_one is None else voc_plus_one
+    result = score_detections(
+        coco_gt,
+        read_detections(detections, coco_gt, category_ids),
+        category_ids=category_ids,
+        image_ids=image_ids[:max_images],
+        voc_pixel_inclusive=pixel_inclusive,
+    )
+    return result, pixel_inclusive
+
+
 def _fmt(value: float) -> str:
     return "-" if value != value or value < 0 else f"{value:.4f}"  # NaN, or pycocotools' -1: no data
 
 
-def _print_report(result: Any, out_dir: Path, paths: dict[str, Path]) -> None:
+def _print_report(result: EvalResult, out_dir: Path, paths: dict[str, Path]) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -113,7 +113,7 @@ def _cell(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.6f}"
 
 
-# ----- checking a detections list -----
+# ----- checking a detections list and a ground-truth file -----
 def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is a Python int
 
@@ -137,8 +137,22 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "id": (_is_id, "an integer"),
     "number": (_is_number, "a finite number"),
     "bbox": (_is_xywh, "[x, y, w, h] with w, h >= 0"),
+    "flag": (lambda v: isinstance(v, (int, float)) and v in (0, 1), "0 or 1"),
 }
 DETECTION_FIELDS: dict[str, str] = {"image_id": "id", "category_id": "id", "bbox": "bbox", "score": "number"}
+# What COCOeval reads of a ground-truth file (bbox): every entry of each list needs these fields.
+GT_FIELDS: dict[str, dict[str, str]] = {
+    "images": {"id": "id"},
+    "categories": {"id": "id"},
+    "annotations": {
+        "id": "id",
+        "image_id": "id",
+        "category_id": "id",
+        "bbox": "bbox",
+        "area": "number",
+        "iscrowd": "flag",
+    },
+}
 
 
 def _check_fields(entry: Any, fields: dict[str, str], where: str) -> None:
@@ -207,6 +221,29 @@ def read_detections(
     return check_detections(data, coco_gt, str(path), category_ids)
 
 
+def read_coco_gt(path: Union[str, Path]) -> COCO:
+    """A COCO instances json as pycocotools' `COCO(path)` loads it, for scoring exactly as written.
+
+    No image files are needed. The fields COCOeval reads (`GT_FIELDS`) are checked first, so that a
+    malformed file is an error naming the file, the entry and the field rather than a traceback
+    from inside pycocotools; the content itself is passed on unchanged.
+    """
+    from m2det.data.coco import load_coco_json
+
+    data = load_coco_json(Path(path))
+    for key, fields in GT_FIELDS.items():
+        for k, entry in enumerate(data[key]):
+            _check_fields(entry, fields, f"{path}: {key}[{k}]")
+    for key in ("images", "categories"):
+        if not data[key]:
+            raise ValueError(f"{path}: {key!r} is empty, so there is nothing to score")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+        coco.createIndex()
+    return coco
+
+
 # ----- COCO metrics -----
 def run_cocoeval(
     coco_gt: COCO, detections: Sequence[dict[str, Any]], image_ids: Optional[Sequence[int]] = None
@@ -229,7 +266,7 @@ def run_cocoeval(
             coco_dt.createIndex()
         cocoeval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         if image_ids is not None:
-            cocoeval.params.imgIds = sorted(int(i) for i in image_ids)
+            cocoeval.params.imgIds = sorted({int(i) for i in image_ids})  # each image once
         cocoeval.evaluate()
         cocoeval.accumulate()
         cocoeval.summarize()
@@ -265,11 +302,10 @@ def coco_metrics(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> dict[st
 
 
 # ----- both metrics from one detections list -----
-def _ground_truth_arrays(coco_gt: COCO, image_ids: Optional[set[int]]) -> dict[str, np.ndarray]:
-    """Flat ground-truth arrays for VOC AP; COCO crowd boxes (VOC difficult) are 'difficult'."""
-    anns = [
-        a for a in coco_gt.dataset.get("annotations", []) if image_ids is None or a["image_id"] in image_ids
-    ]
+def _ground_truth_arrays(coco_gt: COCO, image_ids: set[int]) -> dict[str, np.ndarray]:
+    """Flat ground-truth arrays of `image_ids` for VOC AP; COCO crowd boxes (VOC difficult) are
+    'difficult'."""
+    anns = [a for a in coco_gt.dataset.get("annotations", []) if a["image_id"] in image_ids]
     return {
         "images": np.array([a["image_id"] for a in anns], dtype=np.int64),
         "boxes": _xywh_to_xyxy([a["bbox"] for a in anns]),
@@ -311,8 +347,8 @@ def score_detections(
         scored = [{**d, "category_id": to_label[d["category_id"]]} for d in detections]
     cocoeval = run_cocoeval(coco_gt, scored, image_ids)
     metrics = {name: float(v) for name, v in zip(STAT_NAMES, cocoeval.stats)}
-    selected = None if image_ids is None else {int(i) for i in image_ids}
-    dets = [d for d in scored if selected is None or d["image_id"] in selected]
+    selected = {int(i) for i in cocoeval.params.imgIds}
+    dets = [d for d in scored if d["image_id"] in selected]
     gt = _ground_truth_arrays(coco_gt, selected)
     voc = voc_evaluate(
         [d["image_id"] for d in dets],
