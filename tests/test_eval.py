@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from m2det.cli.main import app
 from m2det.engine.evaluate import (
     NO_DETECTIONS,
+    NO_GROUND_TRUTH,
     STAT_NAMES,
     check_detections,
     coco_metrics,
@@ -412,6 +413,32 @@ def test_cli_malformed_ground_truth_is_named(tmp_path, entry, change, expected):
         ["--data", str(gt_file), "--detections", str(results_file), "--out", str(tmp_path)]
     )
     assert f"{gt_file}: {expected}" in message
+
+
+def test_cli_ground_truth_without_boxes_explains_the_empty_report(tmp_path):
+    gt_file, results_file, _ = _exact_case(tmp_path)
+    data = json.loads(gt_file.read_text())
+    del data["annotations"]  # pycocotools accepts a file without them
+    gt_file.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    result = _run(["--data", str(gt_file), "--detections", str(results_file), "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = [float(v) for v in _pycocotools_stats(gt_file, results_file)]
+    assert [metrics["metrics"][name] for name in STAT_NAMES] == expected == [-1.0] * len(STAT_NAMES)
+    assert metrics["metrics"]["VOC_AP"] is None and metrics["note"] == NO_GROUND_TRUTH
+    assert f"note: {NO_GROUND_TRUTH}" in " ".join(result.output.split())
+
+
+def test_crowd_boxes_alone_are_no_ground_truth_to_score(tmp_path):
+    gt = _load_gt(_coco_json(tmp_path))
+    assert coco_metrics(gt, _gt_as_detections())["note"] is None
+    for annotation in gt.dataset["annotations"]:
+        annotation["iscrowd"] = 1
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    metrics = coco_metrics(gt, _gt_as_detections())
+    assert metrics["note"] == NO_GROUND_TRUTH and metrics["AP"] == -1.0
+    assert score_detections(gt, _gt_as_detections()).note == NO_GROUND_TRUTH
 
 
 def _voc_folder(tmp_path: Path) -> Path:

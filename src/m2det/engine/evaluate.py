@@ -35,6 +35,10 @@ STAT_NAMES: tuple[str, ...] = (
 VOC_NAMES: tuple[str, ...] = ("VOC_AP07", "VOC_AP")  # mean over classes of the 2007 11-point / area AP
 PER_CLASS_COLUMNS: tuple[str, ...] = ("class", "category_id", "num_gt", "AP", "AP50", *VOC_NAMES)
 NO_DETECTIONS = "no detections: every AP and AR is 0 where the ground truth has boxes (-1 where it has none)"
+NO_GROUND_TRUTH = (
+    "the ground truth has no boxes to score in these images (none, or only crowd boxes): every AP and "
+    "AR is undefined (-1 from pycocotools, NaN for VOC), shown as '-'"
+)
 
 
 @dataclass
@@ -287,9 +291,23 @@ def _per_class_ap(cocoeval: COCOeval) -> dict[int, tuple[float, float]]:
     return out
 
 
+def _note(cocoeval: COCOeval, num_detections: int) -> Optional[str]:
+    """Why a report is all undefined (no ground-truth box to score) or all 0 (no detections), else None.
+
+    COCOeval ignores crowd boxes, so ground truth of crowd boxes alone counts as none.
+    """
+    params, coco_gt = cocoeval.params, cocoeval.cocoGt
+    # getAnnIds with no image ids means every image; there are none here
+    ann_ids = coco_gt.getAnnIds(imgIds=params.imgIds, catIds=params.catIds) if params.imgIds else []
+    if all(ann.get("iscrowd", 0) for ann in coco_gt.loadAnns(ann_ids)):
+        return NO_GROUND_TRUTH
+    return None if num_detections else NO_DETECTIONS
+
+
 def coco_metrics(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The 12 COCO box stats by name (AP, AP50, ..., ARl, exactly as pycocotools gives them), plus
-    `per_class` {category_id: {"name", "AP", "AP50"}} and `note` (set when there are no detections)."""
+    `per_class` {category_id: {"name", "AP", "AP50"}} and `note` (set when there are no detections or
+    no ground-truth boxes)."""
     cocoeval = run_cocoeval(coco_gt, detections)
     metrics: dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES, cocoeval.stats)}
     names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
@@ -297,7 +315,7 @@ def coco_metrics(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> dict[st
         cid: {"name": names.get(cid, str(cid)), "AP": ap, "AP50": ap50}
         for cid, (ap, ap50) in _per_class_ap(cocoeval).items()
     }
-    metrics["note"] = None if detections else NO_DETECTIONS
+    metrics["note"] = _note(cocoeval, len(detections))
     return metrics
 
 
@@ -390,7 +408,7 @@ def score_detections(
         detections_coco=list(detections),
         curves=curves,
         num_images=len(cocoeval.params.imgIds),
-        note=None if dets else NO_DETECTIONS,
+        note=_note(cocoeval, len(dets)),
     )
 
 
