@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -16,6 +18,7 @@ from m2det.engine.schedule import LRSchedule, build_scheduler
 from m2det.engine.train import LAST_MODEL, LAST_STATE, Trainer, TrainingDiverged
 from m2det.engine.train_config import TrainConfig, get_train_config
 from m2det.io.checkpoint import load_weights, read_metadata
+from m2det.io.torchfile import atomic_path
 from train_helpers import ToyBoxes, tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,6 +206,19 @@ def test_failed_checkpoint_write_leaves_previous_pair(tmp_path, monkeypatch):
         resume=True
     )
     assert result.finished and result.epoch == 3
+
+
+def test_atomic_path_names_the_file_of_an_unnamed_write_error(tmp_path):
+    target = tmp_path / "results.csv"
+    target.write_text("old")
+    with pytest.raises(OSError) as info, atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(target))
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"] and target.read_text() == "old"
+    with pytest.raises(FileNotFoundError) as info, atomic_path(target):
+        (tmp_path / "elsewhere" / "input.txt").read_text()
+    assert info.value.filename == str(tmp_path / "elsewhere" / "input.txt")  # other files stay named
 
 
 def test_run_folder_contents_and_loss_curve(tmp_path):
