@@ -38,7 +38,7 @@ def train(
         None, "--backbone-weights", help="Local ImageNet weights for the backbone (.pth / .safetensors)."
     ),
     resume: Optional[Path] = typer.Option(
-        None, "--resume", help="Continue a run exactly: its folder or its last_state.pt."
+        None, "--resume", help="Continue a run exactly: its folder (or a file in it)."
     ),
     project: Path = typer.Option(Path("runs/train"), "--project", help="Parent folder of new runs."),
     name: str = typer.Option("exp", "--name", help="Run folder name prefix: NAME1, NAME2, ..."),
@@ -52,10 +52,8 @@ def train(
 
     from m2det.cli.common import next_run_dir
     from m2det.engine import distributed
-    from m2det.engine.checkpoint_state import load_training_state
+    from m2det.engine.checkpoint_state import load_checkpoint
     from m2det.engine.train import (
-        LAST_MODEL,
-        LAST_STATE,
         Trainer,
         TrainingDiverged,
         resolve_resume,
@@ -86,9 +84,10 @@ def train(
             }
             if not data_args["data"]:
                 raise ValueError(f"--resume {resume}: {run_dir / ARGS_FILE} is missing; give --data again")
-            model_config = read_config(run_dir / LAST_MODEL)
+            checkpoint = load_checkpoint(run_dir)
+            model_config = read_config(checkpoint.model_path)
             model_config.backbone.weights = None  # the checkpoint holds the trained backbone
-            train_config = TrainConfig.from_dict(load_training_state(run_dir / LAST_STATE)["train_config"])
+            train_config = TrainConfig.from_dict(checkpoint.state["train_config"])
         else:
             if not data:
                 raise ValueError("--data is required (a COCO .json, a Pascal VOC folder or a YOLO data.yaml)")
