@@ -436,9 +436,26 @@ def test_train_cli_end_to_end(tmp_path):
 
     bad = CliRunner().invoke(app, [*args[:5], "--set", "train.bacth_size=2", "--quiet"])
     assert bad.exit_code == 2 and "bacth_size" in bad.output
+    # a start that fails once the folder exists (no full batch in 8 images) leaves no folder either
+    too_big = CliRunner().invoke(app, [*args, "--set", "train.batch_size=16"])
+    assert too_big.exit_code == 2 and "fewer than one batch" in too_big.output
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["exp1"]
     # --resume takes a file in the run folder too (this run is finished: nothing left to train)
     again = CliRunner().invoke(app, ["train", "--resume", str(run / "last.safetensors"), "--quiet"])
     assert again.exit_code == 0 and f"run folder: {run}" in again.output, again.output
+
+
+def test_train_cli_leaves_no_run_folder_when_the_data_is_wrong(tmp_path):
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app
+
+    (tmp_path / "data").mkdir()
+    runs = tmp_path / "runs"
+    args = ["train", "--data", str(tmp_path / "data"), "--project", str(runs), "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "not a data set m2det can read" in result.output
+    assert not runs.exists() or not any(runs.iterdir())
 
 
 def test_train_cli_resume_names_a_missing_folder_or_one_without_checkpoint(tmp_path):
