@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
+import os
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 import torch
 
-from m2det.engine.checkpoint_state import load_training_state
+from m2det.engine.checkpoint_state import LAST_MODEL, LEGACY_STATE, load_checkpoint
 from m2det.engine.schedule import LRSchedule, build_scheduler
-from m2det.engine.train import LAST_MODEL, LAST_STATE, Trainer, TrainingDiverged
+from m2det.engine.train import Trainer, TrainingDiverged
 from m2det.engine.train_config import TrainConfig, get_train_config
 from m2det.io.checkpoint import load_weights, read_metadata
+from m2det.io.torchfile import atomic_path, is_temporary
 from train_helpers import ToyBoxes, tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,7 +125,7 @@ def test_resume_continues_exactly(tmp_path):
         stop_at_epoch=1
     )
     assert (result.epoch, result.step, result.finished) == (1, 2, False)
-    assert load_training_state(tmp_path / "split" / LAST_STATE)["epoch"] == 1
+    assert load_checkpoint(tmp_path / "split").state["epoch"] == 1
 
     resumed = tiny_model(seed=123)  # different initial weights: everything must come from the run folder
     result = Trainer(resumed, config, data, run_dir=tmp_path / "split", device="cpu", progress=False).fit(
@@ -161,7 +169,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     reloaded = tiny_model(seed=5)
     load_weights(reloaded, tmp_path / "run" / LAST_MODEL)
     assert all(torch.equal(before_bad_step[k], v) for k, v in weights(reloaded).items())
-    assert load_training_state(tmp_path / "run" / LAST_STATE)["epoch"] == 1
+    assert load_checkpoint(tmp_path / "run").state["epoch"] == 1
 
 
 def test_exploding_loss_stops_before_any_checkpoint(tmp_path):
@@ -180,31 +188,6 @@ def test_exploding_loss_stops_before_any_checkpoint(tmp_path):
     assert not (tmp_path / "run" / LAST_MODEL).exists()
 
 
-def test_failed_checkpoint_write_leaves_previous_pair(tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    config = _config()
-    Trainer(tiny_model(), config, ToyBoxes(8), run_dir=run, device="cpu", progress=False).fit(stop_at_epoch=1)
-    before = {name: (run / name).read_bytes() for name in (LAST_MODEL, LAST_STATE)}
-
-    import m2det.engine.checkpoint_state as checkpoint_state
-
-    def broken_save(obj, path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint_state.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        Trainer(tiny_model(), config, ToyBoxes(8), run_dir=run, device="cpu", progress=False).fit(resume=True)
-    assert {name: (run / name).read_bytes() for name in before} == before
-    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
-    monkeypatch.undo()
-    result = Trainer(tiny_model(), config, ToyBoxes(8), run_dir=run, device="cpu", progress=False).fit(
-        resume=True
-    )
-    assert result.finished and result.epoch == 3
-
-
 def test_run_folder_contents_and_loss_curve(tmp_path):
     model = tiny_model()
     result = Trainer(
@@ -216,7 +199,8 @@ def test_run_folder_contents_and_loss_curve(tmp_path):
         progress=False,
     ).fit()
     names = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {LAST_MODEL, LAST_STATE, "epoch_001.safetensors", "epoch_002.safetensors"} <= names
+    assert {LAST_MODEL, load_checkpoint(tmp_path / "run").state_path.name} <= names
+    assert {"epoch_001.safetensors", "epoch_002.safetensors"} <= names
     assert {"results.csv", "config.yaml", "loss_curve.png", "tensorboard"} <= names
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert result.images_per_second > 0 and math.isfinite(result.images_per_second)
@@ -233,6 +217,185 @@ def test_progress_bar_in_a_log_file_stays_sparse(tmp_path, monkeypatch):
     assert "epoch 2/2" in log.getvalue()  # the bar was drawn, with the state of the last step
     # opening, closing and the per-epoch lines redraw it a few times, independent of the step count
     assert log.getvalue().count("\r") < steps
+
+
+# ----- checkpoints: kills, a full disk, leftovers, old run folders -----
+CSV_COMPARED = ("epoch", "step", "lr", "loss", "loss_box", "loss_cls")  # all but the timings
+
+
+def _fit(run, resume: bool, stop_at_epoch: Optional[int] = None, seed: int = 0):
+    """A tiny three-epoch run with random flips (so the RNG state matters) in `run`."""
+    model = tiny_model(seed=seed)
+    data = ToyBoxes(count=8, flip=True)
+    result = Trainer(model, _config(save_every=1), data, run_dir=run, device="cpu", progress=False).fit(
+        resume=resume, stop_at_epoch=stop_at_epoch
+    )
+    return model, result
+
+
+def _rows(run) -> list[tuple[str, ...]]:
+    with open(run / "results.csv", newline="") as f:
+        return [tuple(r[k] for k in CSV_COMPARED) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory) -> tuple[Any, Any, Path]:
+    """(weights, results rows) of an uninterrupted run, and a run folder stopped after epoch 1."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in every test here: results are bit-exact for one thread count
+    try:
+        root = tmp_path_factory.mktemp("three_epochs")
+        model, _ = _fit(root / "whole", resume=False)
+        _fit(root / "epoch1", resume=False, stop_at_epoch=1)
+    finally:
+        torch.set_num_threads(previous)
+    return weights(model), _rows(root / "whole"), root / "epoch1"
+
+
+def _copy_epoch1(three_epochs, tmp_path) -> Path:
+    return Path(shutil.copytree(three_epochs[2], tmp_path / "run"))
+
+
+def _assert_resumes_exactly(run, three_epochs, context: str = "") -> None:
+    """`fit(resume=True)` ends the run with the weights and rows of the uninterrupted one, leaving
+    no temporaries and only the state file of the last checkpoint."""
+    expected, rows, _ = three_epochs
+    model, result = _fit(run, resume=True, seed=123)  # other initial weights: all comes from the folder
+    assert (result.epoch, result.step, result.finished) == (3, 6, True), context
+    got = weights(model)
+    assert all(torch.equal(expected[k], got[k]) for k in expected), f"weights differ {context}"
+    assert _rows(run) == rows, context
+    assert not [p.name for p in run.iterdir() if is_temporary(p)], context
+    states = sorted(p.name for p in run.glob("last_state*"))
+    assert states == [load_checkpoint(run).state_path.name], context
+    assert {f"epoch_00{i}.safetensors" for i in (1, 2, 3)} <= {p.name for p in run.iterdir()}, context
+
+
+class Killed(BaseException):
+    """A simulated kill (not an Exception, so no `except Exception` handles it)."""
+
+
+_MUTATIONS = ("replace", "rename", "unlink", "remove", "rmdir")
+
+
+@contextmanager
+def _kill_at(monkeypatch, folder: Path, k: Optional[int]) -> Iterator[list[str]]:
+    """Count the renames and deletions in `folder`; the `k`-th (from 0) and every later one raise
+    `Killed` without being done, so the folder's names end as a killed process leaves them.
+
+    (Files appear under their names only by these calls: a kill while a temporary is written
+    leaves what a kill before the next one does, plus the temporary.)
+    """
+    ops: list[str] = []
+    real = {name: getattr(os, name) for name in _MUTATIONS}
+
+    def patched(name):
+        def op(path, *args, **kwargs):
+            inside = Path(os.path.abspath(path)).is_relative_to(folder)
+            if inside:
+                ops.append(f"{name} {Path(path).name}" + (f" -> {Path(args[0]).name}" if args else ""))
+                if k is not None and len(ops) > k:
+                    raise Killed(ops[-1])
+            return real[name](path, *args, **kwargs)
+
+        return op
+
+    for name in _MUTATIONS:
+        monkeypatch.setattr(os, name, patched(name))
+    try:
+        yield ops
+    finally:
+        for name in _MUTATIONS:
+            monkeypatch.setattr(os, name, real[name])
+
+
+def test_a_kill_at_any_step_of_saving_leaves_a_run_that_resumes_exactly(tmp_path, monkeypatch, three_epochs):
+    # epoch 2 of a resumed run, killed before each rename/deletion in its folder in turn: at its
+    # start, while saving epoch 2 (results row, snapshot, state, model, old state) and at its end
+    with _kill_at(monkeypatch, tmp_path.resolve(), None) as ops:
+        _fit(_copy_epoch1(three_epochs, tmp_path), resume=True, stop_at_epoch=2)
+    all_ops = list(ops)
+    commit = [i for i, op in enumerate(all_ops) if op.endswith(f"-> {LAST_MODEL}")]
+    assert len(commit) == 1 and any("last_state_002_" in op for op in all_ops[: commit[0]]), all_ops
+    assert any(op.startswith("unlink last_state_001_") for op in all_ops[commit[0] :]), all_ops
+    for k in range(len(all_ops)):
+        run = tmp_path / f"kill{k}"
+        shutil.copytree(three_epochs[2], run)
+        with _kill_at(monkeypatch, run.resolve(), k), pytest.raises(Killed):
+            _fit(run, resume=True, stop_at_epoch=2)
+        _assert_resumes_exactly(run, three_epochs, f"after a kill before {all_ops[k]!r}")
+
+
+@pytest.mark.parametrize("failing", ["last_state_", LAST_MODEL])
+def test_a_full_disk_while_saving_keeps_the_finished_epoch(tmp_path, monkeypatch, three_epochs, failing):
+    run = _copy_epoch1(three_epochs, tmp_path)
+    write_bytes = Path.write_bytes
+
+    def full_disk(self, data):
+        if self.name.startswith(f".{failing}"):  # the temporary of the failing file
+            write_bytes(self, bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError) as info:
+        _fit(run, resume=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in run.glob("last_state*")) == [load_checkpoint(run).state_path.name]
+    assert not [p.name for p in run.iterdir() if is_temporary(p)]
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and "\n" not in message
+    assert f"{run / failing}" in message and "No space left on device while saving epoch 2" in message
+    assert f"the checkpoint of epoch 1 in {run} is intact" in message
+    assert load_checkpoint(run).state["epoch"] == 1
+    _assert_resumes_exactly(run, three_epochs)  # also: the half-written state file is gone
+
+
+def test_atomic_path_names_the_file_of_an_unnamed_write_error(tmp_path):
+    target = tmp_path / "results.csv"
+    target.write_text("old")
+    with pytest.raises(OSError) as info, atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(target))
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"] and target.read_text() == "old"
+    with pytest.raises(FileNotFoundError) as info, atomic_path(target):
+        (tmp_path / "elsewhere" / "input.txt").read_text()
+    assert info.value.filename == str(tmp_path / "elsewhere" / "input.txt")  # other files stay named
+
+
+def test_a_run_removes_what_a_killed_run_left_and_nothing_else(tmp_path, three_epochs):
+    run = _copy_epoch1(three_epochs, tmp_path)
+    ours = [".last.safetensors.ab12cd_4.tmp", ".results.csv.z9y8x7w6.tmp", "last_state_002_0123abcd.pt"]
+    others = ["notes.tmp", ".hidden.tmp", "keep.ab12cd34.tmp", ".x.ab12cd3.tmp", "last_state_002.pt.bak"]
+    for name in ours + others:
+        (run / name).write_bytes(b"left over")
+    (run / "tensorboard" / ".x.ab12cd34.tmp").write_bytes(b"another folder")
+    (run / ".folder.ab12cd34.tmp").mkdir()
+    _fit(run, resume=True, stop_at_epoch=2)
+    names = {p.name for p in run.iterdir()}
+    assert not names & set(ours) and set(others) | {".folder.ab12cd34.tmp"} <= names
+    assert (run / "tensorboard" / ".x.ab12cd34.tmp").is_file()
+
+
+def test_a_run_folder_from_before_state_files_were_named_still_resumes(tmp_path, three_epochs):
+    from safetensors.torch import load_file, save_file
+
+    run = _copy_epoch1(three_epochs, tmp_path)
+    load_checkpoint(run).state_path.rename(run / LEGACY_STATE)
+
+    def rewrite_extra(**changes):
+        metadata = read_metadata(run / LAST_MODEL)
+        extra = {k: v for k, v in json.loads(metadata["extra"]).items() if k != "state"}
+        metadata["extra"] = json.dumps({**extra, **changes})
+        save_file(load_file(run / LAST_MODEL), run / LAST_MODEL, metadata=metadata)
+
+    rewrite_extra(epoch=2)  # the old failure: the model of one epoch beside the state of another
+    with pytest.raises(ValueError, match=r"last.safetensors is from epoch 2 but last_state.pt from epoch 1"):
+        load_checkpoint(run)
+    rewrite_extra(epoch=1)
+    assert load_checkpoint(run).state_path == run / LEGACY_STATE
+    _assert_resumes_exactly(run, three_epochs)  # and its first checkpoint replaces last_state.pt
 
 
 # ----- the command line -----
@@ -260,14 +423,7 @@ def test_train_cli_end_to_end(tmp_path):
     run = tmp_path / "runs" / "exp1"
     assert f"run folder: {run}" in result.output
     names = {p.name for p in run.iterdir()}
-    assert {
-        "last.safetensors",
-        "best.safetensors",
-        "last_state.pt",
-        "results.csv",
-        "config.yaml",
-        "args.yaml",
-    } <= names
+    assert {"last.safetensors", "best.safetensors", "results.csv", "config.yaml", "args.yaml"} <= names
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     with open(run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -276,10 +432,47 @@ def test_train_cli_end_to_end(tmp_path):
     )  # validated after the last epoch
     saved = read_config(run / "best.safetensors")
     assert (saved.num_classes, saved.class_names, saved.input_size) == (3, ["circle", "square"], 64)
-    assert load_training_state(run / "last_state.pt")["train_config"]["lr"] == 0.01
+    assert load_checkpoint(run).state["train_config"]["lr"] == 0.01
 
     bad = CliRunner().invoke(app, [*args[:5], "--set", "train.bacth_size=2", "--quiet"])
     assert bad.exit_code == 2 and "bacth_size" in bad.output
+    # a start that fails once the folder exists (no full batch in 8 images) leaves no folder either
+    too_big = CliRunner().invoke(app, [*args, "--set", "train.batch_size=16"])
+    assert too_big.exit_code == 2 and "fewer than one batch" in too_big.output
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["exp1"]
+    # --resume takes a file in the run folder too (this run is finished: nothing left to train)
+    again = CliRunner().invoke(app, ["train", "--resume", str(run / "last.safetensors"), "--quiet"])
+    assert again.exit_code == 0 and f"run folder: {run}" in again.output, again.output
+
+
+def test_train_cli_leaves_no_run_folder_when_the_data_is_wrong(tmp_path):
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app
+
+    (tmp_path / "data").mkdir()
+    runs = tmp_path / "runs"
+    args = ["train", "--data", str(tmp_path / "data"), "--project", str(runs), "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "not a data set m2det can read" in result.output
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_train_cli_resume_names_a_missing_folder_or_one_without_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app
+
+    missing = tmp_path / "runs" / "exp7"
+    result = CliRunner().invoke(app, ["train", "--resume", str(missing)])
+    assert result.exit_code == 2 and f"--resume {missing}: no such run folder" in result.output
+    assert "last_state" not in result.output
+    started = tmp_path / "runs" / "exp8"  # a run killed during its first epoch
+    (started / "tensorboard").mkdir(parents=True)
+    (started / "config.yaml").write_text("model: {}\n")
+    result = CliRunner().invoke(app, ["train", "--resume", str(started)])
+    assert result.exit_code == 2, result.output
+    assert f"--resume {started}: {started} holds no checkpoint (last.safetensors not found" in result.output
 
 
 def test_train_cli_names_a_broken_config_file(tmp_path):

@@ -38,7 +38,7 @@ def train(
         None, "--backbone-weights", help="Local ImageNet weights for the backbone (.pth / .safetensors)."
     ),
     resume: Optional[Path] = typer.Option(
-        None, "--resume", help="Continue a run exactly: its folder or its last_state.pt."
+        None, "--resume", help="Continue a run exactly: its folder (or a file in it)."
     ),
     project: Path = typer.Option(Path("runs/train"), "--project", help="Parent folder of new runs."),
     name: str = typer.Option("exp", "--name", help="Run folder name prefix: NAME1, NAME2, ..."),
@@ -52,10 +52,8 @@ def train(
 
     from m2det.cli.common import next_run_dir
     from m2det.engine import distributed
-    from m2det.engine.checkpoint_state import load_training_state
+    from m2det.engine.checkpoint_state import LAST_MODEL, load_checkpoint
     from m2det.engine.train import (
-        LAST_MODEL,
-        LAST_STATE,
         Trainer,
         TrainingDiverged,
         resolve_resume,
@@ -63,6 +61,7 @@ def train(
     )
     from m2det.engine.train_config import TrainConfig
     from m2det.io.checkpoint import read_config
+    from m2det.io.torchfile import atomic_path
     from m2det.models import build_model
 
     model_overrides, train_overrides = split_overrides(parse_overrides(overrides))
@@ -86,9 +85,10 @@ def train(
             }
             if not data_args["data"]:
                 raise ValueError(f"--resume {resume}: {run_dir / ARGS_FILE} is missing; give --data again")
-            model_config = read_config(run_dir / LAST_MODEL)
+            checkpoint = load_checkpoint(run_dir)
+            model_config = read_config(checkpoint.model_path)
             model_config.backbone.weights = None  # the checkpoint holds the trained backbone
-            train_config = TrainConfig.from_dict(load_training_state(run_dir / LAST_STATE)["train_config"])
+            train_config = TrainConfig.from_dict(checkpoint.state["train_config"])
         else:
             if not data:
                 raise ValueError("--data is required (a COCO .json, a Pascal VOC folder or a YOLO data.yaml)")
@@ -105,31 +105,49 @@ def train(
                 if not backbone_weights.is_file():
                     raise FileNotFoundError(f"--backbone-weights: file not found: {backbone_weights}")
                 model_config.backbone.weights = str(backbone_weights)
-            run_dir = distributed.broadcast_object(next_run_dir(project, name) if info.is_main else None)
         train_set, val_set = build_datasets(data_args, model_config, train_config)
         model_config = _with_classes(model_config, train_set)
-        if info.is_main and resume is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / ARGS_FILE).write_text(yaml.safe_dump(data_args, sort_keys=False))
         seed_everything(train_config.seed)  # the initial weights repeat under the seed
         net = build_model(model_config)
-        trainer = Trainer(
-            net, train_config, train_set, val_set, run_dir=run_dir, device=device, progress=not quiet
-        )
-        try:
-            result = trainer.fit(resume=resume is not None)
-        except TrainingDiverged as exc:
-            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(code=1) from None
-        except KeyboardInterrupt:
+        if resume is None:
+            # made only now that the data and the model are built, so that a bad start leaves no folder
+            run_dir = distributed.broadcast_object(next_run_dir(project, name) if info.is_main else None)
             if info.is_main:
-                typer.echo(f"\ninterrupted; continue with: m2det train --resume {run_dir}", err=True)
-            raise typer.Exit(code=130) from None
+                with atomic_path(run_dir / ARGS_FILE) as tmp:
+                    tmp.write_text(yaml.safe_dump(data_args, sort_keys=False))
+        try:
+            trainer = Trainer(
+                net, train_config, train_set, val_set, run_dir=run_dir, device=device, progress=not quiet
+            )
+            result = trainer.fit(resume=resume is not None)
+        except BaseException as exc:
+            if info.is_main and resume is None:
+                _remove_if_unused(run_dir)
+            if isinstance(exc, TrainingDiverged):
+                typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+                raise typer.Exit(code=1) from None
+            if isinstance(exc, KeyboardInterrupt):
+                if info.is_main:
+                    hint = (
+                        f"continue with: m2det train --resume {run_dir}"
+                        if (run_dir / LAST_MODEL).is_file()
+                        else "no epoch had finished, so there is nothing to resume"
+                    )
+                    typer.echo(f"\ninterrupted; {hint}", err=True)
+                raise typer.Exit(code=130) from None
+            raise
         if info.is_main:
             best = f"; best {train_config.best_metric} {result.best_metric:.4f} at epoch {result.best_epoch}"
             typer.echo(f"run folder: {run_dir}" + (best if result.best_metric is not None else ""))
     finally:
         distributed.cleanup()
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Delete a new run's folder if the run failed before writing anything but its args.yaml."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {ARGS_FILE}:
+        (run_dir / ARGS_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,10 +1,11 @@
 """The training loop: SGD (or AdamW) with warm-up and decay, AMP on CUDA, DDP, logs, validation, checkpoints.
 
-A run folder holds `last.safetensors` + `last_state.pt` (written after every epoch, together they
-resume the run exactly), `best.safetensors` (best validation metric), optional `epoch_N.safetensors`,
-`results.csv` (one row per epoch), `tensorboard/` and `loss_curve.png`. Under DDP only rank 0
-writes. A NaN or exploding loss stops the run before the bad step is applied, so the checkpoint of
-the last finished epoch stays the last good one.
+A run folder holds `last.safetensors` + its `last_state_*.pt` (written after every epoch, together
+they resume the run exactly; see `m2det.engine.checkpoint_state`), `best.safetensors` (best
+validation metric), optional `epoch_N.safetensors`, `results.csv` (one row per epoch),
+`tensorboard/` and `loss_curve.png`. Under DDP only rank 0 writes. A NaN or exploding loss stops
+the run before the bad step is applied, and a failed write (a full disk) leaves the previous
+checkpoint, so the checkpoint of the last finished epoch stays the last good one.
 """
 
 from __future__ import annotations
@@ -28,21 +29,22 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from m2det.engine import distributed
 from m2det.engine.checkpoint_state import (
+    LAST_MODEL,
     capture_rng_state,
-    load_training_state,
+    load_checkpoint,
+    named_state,
+    remove_stale_files,
     restore_rng_state,
-    save_training_state,
+    save_checkpoint,
 )
 from m2det.engine.schedule import build_scheduler
 from m2det.engine.train_config import TrainConfig
-from m2det.io.checkpoint import load_weights, read_metadata, save_model
+from m2det.io.checkpoint import load_weights, save_model
 from m2det.io.torchfile import atomic_path
 from m2det.progress import progress_bar
 
 PathLike = Union[str, Path]
 
-LAST_MODEL = "last.safetensors"
-LAST_STATE = "last_state.pt"
 BEST_MODEL = "best.safetensors"
 RESULTS_CSV = "results.csv"
 TENSORBOARD_DIR = "tensorboard"
@@ -99,14 +101,16 @@ def cpu_threads(workers: int) -> int:
 
 
 def resolve_resume(path: PathLike) -> Path:
-    """The run folder of `--resume PATH`: the folder itself or the folder of its `last_state.pt`."""
+    """The run folder of `--resume PATH` (the folder or a file in it), checked to hold a checkpoint."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such run folder")
     run_dir = path if path.is_dir() else path.parent
-    for name in (LAST_STATE, LAST_MODEL):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(
-                f"--resume {path}: {run_dir / name} not found (not a resumable run folder)"
-            )
+    if named_state(run_dir) is None:
+        raise FileNotFoundError(
+            f"--resume {path}: {run_dir} holds no checkpoint ({LAST_MODEL} not found; a run writes it "
+            f"when its first epoch ends)"
+        )
     return run_dir
 
 
@@ -200,25 +204,22 @@ class _Run:
         self.best_epoch: Optional[int] = None
         self.metrics: dict[str, float] = {}
         self.validated_at = -1
+        self.saved_epoch = 0  # the epoch of the run folder's checkpoint (0: none of this run)
         self.writer: Any = None
         self.bar: Any = None
 
     # ----- setup -----
     def _restore(self) -> dict[str, Any]:
         """Read the run folder's last checkpoint: weights now, the rest returned for later."""
-        state = load_training_state(self.run_dir / LAST_STATE)
+        checkpoint = load_checkpoint(self.run_dir)
+        state = checkpoint.state
         stored = TrainConfig.from_dict(state["train_config"])
         if stored != self.config and self.info.is_main:
-            self._print(f"resuming with the run's own training settings from {self.run_dir / LAST_STATE}")
+            self._print(f"resuming with the run's own training settings from {checkpoint.state_path}")
         self.config = stored
-        extra = json.loads(read_metadata(self.run_dir / LAST_MODEL).get("extra", "{}"))
-        if extra.get("epoch") != state["epoch"]:
-            raise ValueError(
-                f"{self.run_dir}: {LAST_MODEL} is from epoch {extra.get('epoch')} but {LAST_STATE} from "
-                f"epoch {state['epoch']}; the run was interrupted while saving and cannot resume exactly"
-            )
-        load_weights(self.model, self.run_dir / LAST_MODEL)
+        load_weights(self.model, checkpoint.model_path)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.saved_epoch = self.epoch
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self.metrics = dict(state["metrics"])
         return state
@@ -301,6 +302,9 @@ class _Run:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_files(self.run_dir)
+        if removed:
+            self._print(f"removed {len(removed)} file(s) an interrupted run left in {self.run_dir}")
         config_text = yaml.safe_dump(
             {"model": json.loads(self.model.config.to_json()), "train": self.config.to_dict()},
             sort_keys=False,
@@ -322,6 +326,7 @@ class _Run:
         config = self.config
         train_seconds, train_images = 0.0, 0
         finished = self.epoch >= config.epochs
+        failed = True
         try:
             self._open_bar()
             while self.epoch < config.epochs:
@@ -338,8 +343,9 @@ class _Run:
                 self._end_epoch(means, images / max(seconds, 1e-9), seconds)
                 if stop:
                     break
+            failed = False
         finally:
-            self._close()
+            self._close(failed)
         if finished and self.info.is_main:
             self._print(
                 f"done: {self.epoch} epochs in {time.perf_counter() - start:.0f} s; run folder {self.run_dir}"
@@ -454,20 +460,56 @@ class _Run:
         self.validated_at = self.epoch
         value = self.metrics.get(self.config.best_metric, math.nan)
         if math.isfinite(value) and (self.best_metric is None or value > self.best_metric):
-            self.best_metric, self.best_epoch = value, self.epoch
-            if self.info.is_main:
-                save_model(self.model, self.run_dir / BEST_MODEL, extra=self._extra())
+            self.best_metric, self.best_epoch = value, self.epoch  # saved in `_save`
 
     def _extra(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "metrics": self.metrics}
 
     def _end_epoch(self, means: dict[str, float], images_per_s: float, seconds: float) -> None:
-        """Checkpoint, log and report a finished epoch (files from rank 0 only)."""
+        """Save, log and report a finished epoch (files from rank 0 only)."""
         rng = distributed.all_gather_objects(capture_rng_state())
         if not self.info.is_main:
             return
         config = self.config
+        lr = self.optimizer.param_groups[0]["lr"]
+        evaluated = self.metrics if self.validated_at == self.epoch else {}
+        row = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": f"{lr:.6g}",
+            **{k: f"{v:.6f}" for k, v in means.items()},
+            "images_per_s": f"{images_per_s:.2f}",
+            "seconds": f"{seconds:.2f}",
+            **{k: (f"{evaluated[k]:.6f}" if k in evaluated else "") for k in REPORTED_METRICS},
+        }
+        try:
+            self._save(rng, row)
+        except OSError as exc:
+            raise self._save_failed(exc) from exc
+        self.writer.add_scalar("train/images_per_s", images_per_s, self.step)
+        for key in REPORTED_METRICS:
+            if key in evaluated:
+                self.writer.add_scalar(f"val/{key}", evaluated[key], self.step)
+        self.writer.flush()
+        text = (
+            f"epoch {self.epoch}/{config.epochs}  loss {means['loss']:.4f} (box {means['loss_box']:.4f}, "
+            f"cls {means['loss_cls']:.4f})  lr {lr:.2e}  {images_per_s:.1f} img/s  {seconds:.0f} s"
+        )
+        if evaluated:
+            text += "  val " + " ".join(f"{k} {evaluated[k]:.4f}" for k in REPORTED_METRICS if k in evaluated)
+        self._print(text)
+
+    def _save(self, rng: list[Any], row: dict[str, Any]) -> None:
+        """Write the epoch's files, the checkpoint last: a kill before it leaves a run that resumes
+        from the previous checkpoint and redoes this epoch, replacing the rest (rows past the
+        checkpoint are dropped on resume)."""
+        config = self.config
         extra = self._extra()
+        self._write_csv([*self._read_csv(), row])
+        if self.best_epoch == self.epoch:
+            save_model(self.model, self.run_dir / BEST_MODEL, extra=extra)
+        if config.save_every and self.epoch % config.save_every == 0:
+            save_model(self.model, self.run_dir / f"epoch_{self.epoch:03d}.safetensors", extra=extra)
         state = {
             "epoch": self.epoch,
             "step": self.step,
@@ -482,40 +524,22 @@ class _Run:
             "world_size": self.info.world_size,
             "train_config": config.to_dict(),
         }
-        # Both files are written to temporary names first and renamed only when both succeeded, so a
-        # failure leaves the previous pair, which still resumes; `_restore` checks they match.
-        with (
-            atomic_path(self.run_dir / LAST_MODEL) as model_tmp,
-            atomic_path(self.run_dir / LAST_STATE) as state_tmp,
-        ):
-            save_model(self.model, model_tmp, extra=extra)
-            save_training_state(state_tmp, state)
-        if config.save_every and self.epoch % config.save_every == 0:
-            save_model(self.model, self.run_dir / f"epoch_{self.epoch:03d}.safetensors", extra=extra)
-        lr = self.optimizer.param_groups[0]["lr"]
-        evaluated = self.metrics if self.validated_at == self.epoch else {}
-        row = {
-            "epoch": self.epoch,
-            "step": self.step,
-            "lr": f"{lr:.6g}",
-            **{k: f"{v:.6f}" for k, v in means.items()},
-            "images_per_s": f"{images_per_s:.2f}",
-            "seconds": f"{seconds:.2f}",
-            **{k: (f"{evaluated[k]:.6f}" if k in evaluated else "") for k in REPORTED_METRICS},
-        }
-        self._write_csv([*self._read_csv(), row])
-        self.writer.add_scalar("train/images_per_s", images_per_s, self.step)
-        for key in REPORTED_METRICS:
-            if key in evaluated:
-                self.writer.add_scalar(f"val/{key}", evaluated[key], self.step)
-        self.writer.flush()
-        text = (
-            f"epoch {self.epoch}/{config.epochs}  loss {means['loss']:.4f} (box {means['loss_box']:.4f}, "
-            f"cls {means['loss_cls']:.4f})  lr {lr:.2e}  {images_per_s:.1f} img/s  {seconds:.0f} s"
+        save_checkpoint(self.run_dir, self.model, state, extra)
+        self.saved_epoch = self.epoch
+
+    def _save_failed(self, exc: OSError) -> OSError:
+        """`exc` (a full disk, ...) as one line naming the file and the checkpoint that is left."""
+        if self.saved_epoch:
+            kept = (
+                f"the checkpoint of epoch {self.saved_epoch} in {self.run_dir} is intact; "
+                f"`m2det train --resume {self.run_dir}` continues from it"
+            )
+        else:
+            kept = "no checkpoint had been written yet"
+        message = (
+            f"{exc.filename or self.run_dir}: {exc.strerror or exc} while saving epoch {self.epoch}; {kept}"
         )
-        if evaluated:
-            text += "  val " + " ".join(f"{k} {evaluated[k]:.4f}" for k in REPORTED_METRICS if k in evaluated)
-        self._print(text)
+        return OSError(exc.errno, message) if exc.errno is not None else OSError(message)
 
     # ----- output -----
     def _open_bar(self) -> None:
@@ -565,7 +589,9 @@ class _Run:
             writer.writeheader()
             writer.writerows(rows)
 
-    def _close(self) -> None:
+    def _close(self, failed: bool = False) -> None:
+        """Close the bar and the logs and plot the loss curve; after a failure (a full disk), a
+        failed plot does not replace the error that ended the run."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -573,7 +599,11 @@ class _Run:
             self.writer.close()
             self.writer = None
             if (self.run_dir / RESULTS_CSV).is_file():
-                plot_loss_curve(self.run_dir / RESULTS_CSV, self.run_dir / LOSS_CURVE)
+                try:
+                    plot_loss_curve(self.run_dir / RESULTS_CSV, self.run_dir / LOSS_CURVE)
+                except OSError:
+                    if not failed:
+                        raise
 
 
 def plot_loss_curve(results_csv: PathLike, path: PathLike) -> Path:

@@ -11,11 +11,11 @@ from typing import Any, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from m2det.config import ModelConfig
-from m2det.io.torchfile import atomic_path, shared_state_groups
+from m2det.io.torchfile import shared_state_groups, write_bytes_atomic
 
 FORMAT = "m2det"
 
@@ -23,15 +23,14 @@ FORMAT = "m2det"
 def save_model(
     model: torch.nn.Module, path: Union[str, Path], extra: Union[dict[str, Any], None] = None
 ) -> Path:
-    """Write `model` (an M2Det) to `path` as safetensors + config, atomically."""
+    """Write `model` (an M2Det) to `path` as safetensors + config, atomically and durably."""
     path = Path(path)
     metadata = {"format": FORMAT, "config": model.config.to_json()}
     if extra:
         metadata["extra"] = json.dumps(extra)
     unique = {names[0]: tensor.detach().cpu().contiguous() for names, tensor in shared_state_groups(model)}
-    with atomic_path(path) as tmp:
-        save_file(unique, str(tmp), metadata=metadata)
-    return path
+    # serialised in memory, so that a full disk raises an OSError naming the file (see write_bytes_atomic)
+    return write_bytes_atomic(path, save(unique, metadata=metadata))
 
 
 def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
