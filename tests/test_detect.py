@@ -214,6 +214,36 @@ def test_several_sizes_each_use_their_own_anchors():
         assert torch.allclose(result["boxes"][result["labels"] == label][0], expected, atol=1e-3)
 
 
+def overlapping_pair_network(model: m2det.M2Det):
+    """`forward_raw` for `model` that finds class 1 on two concentric anchors of the central cell
+    (IoU 0.53) scoring 0.9 and 0.5: linear soft-NMS decays the second to 0.5 * (1 - 0.53) = 0.23."""
+
+    def network(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        anchors = model.anchors(batch.shape[-1])
+        logits = torch.zeros(batch.shape[0], anchors.shape[0], model.num_classes)
+        logits[..., 0] = 10.0  # background everywhere ...
+        first = (20 * 40 + 20) * 6  # ... but on the first two anchors of the central cell
+        logits[:, first : first + 2] = -30.0
+        logits[:, first : first + 2, 0] = 0.0
+        logits[:, first, 1] = float(np.log(9.0))  # softmax 0.9
+        logits[:, first + 1, 1] = 0.0  # softmax 0.5
+        return torch.zeros(batch.shape[0], anchors.shape[0], 4), logits
+
+    return network
+
+
+def test_score_threshold_is_a_floor_after_soft_nms():
+    image = torch.zeros(3, 100, 200, dtype=torch.uint8)
+    everything = tiny_detector(settings=PAPER.replace(score_threshold=0.3), sizes=[320])
+    everything.model.forward_raw = overlapping_pair_network(everything.model)
+    assert everything(image)["scores"].tolist() == pytest.approx([0.9, 0.5 * (1 - 0.5333)], abs=1e-3)
+    floored = tiny_detector(score_threshold=0.3, sizes=[320])
+    floored.model.forward_raw = overlapping_pair_network(floored.model)
+    result = floored(image)
+    assert result["scores"].tolist() == pytest.approx([0.9]) and result["labels"].tolist() == [1]
+    assert floored.settings.min_score == floored.settings.score_threshold == 0.3
+
+
 # ----- drawing -----
 def test_draw_detections():
     image = torch.full((3, 60, 80), 255, dtype=torch.uint8)
@@ -227,6 +257,18 @@ def test_draw_detections():
     assert torch.equal(draw_detections(image, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)), image)
     with pytest.raises(ValueError, match="2 boxes, 1 labels"):
         draw_detections(image, boxes, torch.tensor([1]))
+
+
+def test_best_boxes_are_drawn_last_so_their_labels_stay_readable():
+    image = torch.full((3, 60, 80), 255, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 40.0]]).repeat(2, 1)
+    labels, scores = torch.tensor([1, 2]), torch.tensor([0.9, 0.2])  # best first, as NMS returns them
+    names = ["best_of_all", "x"]  # the low box's label is shorter: the best one covers it entirely
+    alone = draw_detections(image, boxes[:1], labels[:1], scores[:1], names)
+    for order in ([0, 1], [1, 0]):
+        drawn = draw_detections(image, boxes[order], labels[order], scores[order], names)
+        assert torch.equal(drawn, alone)  # border and label of the best box on top of the low one
+    assert tuple(alone[:, 40, 30].tolist()) == class_color(1)
 
 
 # ----- sources and the command -----

@@ -273,6 +273,28 @@ def test_official_settings_keep_every_detection_of_an_image_like_the_released_co
     assert len(paper["scores"]) == PAPER.max_per_image == 300
 
 
+def test_min_score_drops_what_soft_nms_decays_below_it():
+    # B covers half of A (IoU 0.5): linear soft-NMS decays its 0.5 to 0.25, under a floor of 0.3
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 5], [20, 20, 30, 30]])
+    found = Candidates(
+        image_index=torch.zeros(3, dtype=torch.int64),
+        boxes=boxes,
+        scores=torch.tensor([0.9, 0.5, 0.35]),
+        labels=torch.ones(3, dtype=torch.int64),
+    )
+    (kept_all,) = PostProcessor(BoxCoder(), PAPER.replace(score_threshold=0.3)).suppress(found, 1)
+    assert kept_all["scores"].tolist() == pytest.approx([0.9, 0.35, 0.25])
+    floor = PAPER.replace(score_threshold=0.3, min_score=0.3)
+    (floored,) = PostProcessor(BoxCoder(), floor).suppress(found, 1)
+    assert floored["scores"].tolist() == pytest.approx([0.9, 0.35])
+    assert torch.equal(floored["boxes"], boxes[[0, 2]])
+    # a floor on a score that is met exactly keeps the box
+    (exact,) = PostProcessor(BoxCoder(), floor.replace(min_score=0.35)).suppress(found, 1)
+    assert exact["scores"].tolist() == pytest.approx([0.9, 0.35])
+    with pytest.raises(ValueError, match="min_score"):
+        PAPER.replace(min_score=1.5)
+
+
 def test_settings_lookup_and_validation():
     assert get_settings("official") is OFFICIAL and get_settings(" Paper ") is PAPER
     assert PAPER.score_threshold == 0.05 and PAPER.nms == "linear" and not PAPER.plus_one
