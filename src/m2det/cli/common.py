@@ -3,6 +3,7 @@ parsing (--set, --sizes) and run folders."""
 
 from __future__ import annotations
 
+import errno
 import functools
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
@@ -11,26 +12,48 @@ import typer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Errors that carry a message meant for the user (bad file, bad field, bad argument).
-USER_ERRORS = (
-    FileNotFoundError,
-    ValueError,
-    KeyError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+# Errors that carry a message meant for the user: a bad file, field or argument, and every error
+# of the file system (missing file, permission denied, disk full, a file where a folder should be).
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def os_error_message(exc: OSError) -> str:
+    """`PATH: reason` for an error of the system (`exc.filename`, `exc.strerror`); the message itself
+    for one that we raised with a message of our own."""
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    path = str(exc.filename) if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    hint = _os_error_hint(exc)
+    return f"{path}: {exc.strerror}" + (f" ({hint})" if hint else "")
+
+
+def _os_error_hint(exc: OSError) -> Optional[str]:
+    """What a file-or-folder error means for the path it names, where the system's words are unclear."""
+    if not isinstance(exc.filename, (str, Path)):
+        return None
+    path = Path(exc.filename)
+    if exc.errno == errno.EEXIST and path.is_file():
+        return "a file, where a folder is needed"
+    if exc.errno == errno.EISDIR and path.is_dir():
+        return "a folder, where a file is needed"
+    if exc.errno == errno.ENOTDIR:
+        blocking = next((parent for parent in (path, *path.parents) if parent.is_file()), None)
+        return f"{blocking} is a file, not a folder" if blocking is not None else None
+    return None
 
 
 def user_errors(func: F) -> F:
-    """Report expected errors as `error: ...` on stderr and exit 2, not as a traceback."""
+    """Report expected errors as one line `error: ...` on stderr and exit 2, not as a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except USER_ERRORS as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            if isinstance(exc, OSError):
+                message = os_error_message(exc)
+            else:
+                message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
             typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
             raise typer.Exit(code=2) from None
 

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -61,12 +61,34 @@ def shared_state_groups(model: torch.nn.Module) -> list[tuple[list[str], Tensor]
 
 
 @contextmanager
+def errors_name(path: Union[str, Path], temporary_prefix: Optional[str] = None) -> Iterator[None]:
+    """Make a system error raised inside name `path` when it names no file (a failed write or
+    flush: disk full) or a temporary file starting with `temporary_prefix`, so that the message
+    says which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        named = exc.filename
+        temporary = temporary_prefix is not None and Path(str(named)).name.startswith(temporary_prefix)
+        if exc.errno is not None and (named is None or temporary):
+            exc.filename, exc.filename2 = str(path), None
+        raise
+
+
+@contextmanager
 def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
-    A crash or an exception leaves any earlier file at `path` untouched.
+    A crash or an exception leaves any earlier file at `path` untouched. Errors of the file system
+    while writing name `path`, not the temporary file.
     """
     path = Path(path)
+    with errors_name(path, temporary_prefix=f".{path.name}."), _replaced_on_success(path) as tmp:
+        yield tmp
+
+
+@contextmanager
+def _replaced_on_success(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
