@@ -22,6 +22,34 @@ def test_help_lists_commands():
         assert command in result.output
 
 
+COMMANDS = ["models", "convert", "browse-data", "eval", "detect", "serve", "train", "demo", "bench", "export"]
+ARGUMENTS = {"convert": "SOURCE OUTPUT", "browse-data": "DATA", "detect": "SOURCE", "export": "OUTPUT"}
+
+
+def test_every_command_is_listed():
+    assert sorted(command.name for command in app.registered_commands) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("name", [None, *COMMANDS], ids=lambda name: name or "m2det")
+def test_help_has_no_placeholders_for_flags_or_braces_around_arguments(name):
+    result = CliRunner().invoke(app, [*([name] if name else []), "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output  # flags (--help, --flip/--no-flip) take no value
+    usage = next(line for line in result.output.splitlines() if "Usage:" in line).rstrip()
+    if name is None:
+        assert usage.endswith(" [OPTIONS] COMMAND [ARGS]...")
+    else:
+        assert usage.endswith(f" {name} [OPTIONS]" + (f" {ARGUMENTS[name]}" if name in ARGUMENTS else ""))
+    if name == "detect":
+        assert any("--flip" in line and "--no-flip" in line for line in result.output.splitlines())
+        assert "<float range>" in result.output  # an option that takes a value still shows its type
+
+
+def test_a_missing_argument_is_named_as_in_the_usage():
+    result = CliRunner().invoke(app, ["detect"])
+    assert result.exit_code == 2 and "Missing argument 'SOURCE'" in result.output
+
+
 def test_models_lists_presets_with_size_and_cost():
     result = CliRunner().invoke(app, ["models"], terminal_width=200)
     assert result.exit_code == 0, result.output

@@ -1,5 +1,5 @@
-"""Helpers shared by the subcommands: expected errors as one clear line and exit code 2, option
-parsing (--set, --sizes) and run folders."""
+"""Helpers shared by the subcommands: expected errors as one clear line and exit code 2, help that
+reads cleanly, option parsing (--set, --sizes) and run folders."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,6 +59,54 @@ def user_errors(func: F) -> F:
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _CleanHelp:
+    """Help text as the command line reads: a flag (`--flip/--no-flip`, `--help`) shows no `<bool>`
+    placeholder, since it takes no value, and an argument shows as its metavar (SOURCE) in the
+    usage line, bare when required and `[SOURCE]` when not, instead of Typer's `{source}`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:  # type: ignore[attr-defined]
+            _clean_param(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            _clean_param(option)
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        plain = {
+            piece: _plain_usage(param)
+            for param in self.get_params(ctx)  # type: ignore[attr-defined]
+            if isinstance(param, TyperArgument)
+            for piece in param.get_usage_pieces(ctx)
+        }
+        return [plain.get(piece, piece) for piece in super().collect_usage_pieces(ctx)]  # type: ignore[misc]
+
+
+def _clean_param(param: Any) -> None:
+    """No type placeholder for a flag; an argument's metavar is its name in capitals."""
+    if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+        param.metavar = ""
+    elif isinstance(param, TyperArgument) and param.metavar is None:
+        param.metavar = (param.name or "").upper()
+
+
+def _plain_usage(argument: TyperArgument) -> str:
+    """SOURCE for a required argument, [SOURCE] for an optional one, with ... when it repeats."""
+    name = argument.display_name_raw
+    return (name if argument.required else f"[{name}]") + ("..." if argument.nargs != 1 else "")
+
+
+class CleanHelpCommand(_CleanHelp, TyperCommand):
+    """A subcommand whose help reads cleanly (see `_CleanHelp`)."""
+
+
+class CleanHelpGroup(_CleanHelp, TyperGroup):
+    """The `m2det` group, whose own help reads cleanly too (see `_CleanHelp`)."""
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
