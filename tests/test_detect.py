@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import warnings
 
@@ -20,6 +22,8 @@ from m2det.cli.main import app
 from m2det.inference.detector import to_rgb_tensor
 from m2det.inference.multiscale import mirror_boxes
 from m2det.inference.sources import resolve_source
+from m2det.io import jsonfile
+from m2det.io.jsonfile import read_json_lines
 from m2det.visualize import class_color, draw_detections, label_text
 
 TINY = "m2det_tiny"
@@ -214,6 +218,36 @@ def test_several_sizes_each_use_their_own_anchors():
         assert torch.allclose(result["boxes"][result["labels"] == label][0], expected, atol=1e-3)
 
 
+def overlapping_pair_network(model: m2det.M2Det):
+    """`forward_raw` for `model` that finds class 1 on two concentric anchors of the central cell
+    (IoU 0.53) scoring 0.9 and 0.5: linear soft-NMS decays the second to 0.5 * (1 - 0.53) = 0.23."""
+
+    def network(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        anchors = model.anchors(batch.shape[-1])
+        logits = torch.zeros(batch.shape[0], anchors.shape[0], model.num_classes)
+        logits[..., 0] = 10.0  # background everywhere ...
+        first = (20 * 40 + 20) * 6  # ... but on the first two anchors of the central cell
+        logits[:, first : first + 2] = -30.0
+        logits[:, first : first + 2, 0] = 0.0
+        logits[:, first, 1] = float(np.log(9.0))  # softmax 0.9
+        logits[:, first + 1, 1] = 0.0  # softmax 0.5
+        return torch.zeros(batch.shape[0], anchors.shape[0], 4), logits
+
+    return network
+
+
+def test_score_threshold_is_a_floor_after_soft_nms():
+    image = torch.zeros(3, 100, 200, dtype=torch.uint8)
+    everything = tiny_detector(settings=PAPER.replace(score_threshold=0.3), sizes=[320])
+    everything.model.forward_raw = overlapping_pair_network(everything.model)
+    assert everything(image)["scores"].tolist() == pytest.approx([0.9, 0.5 * (1 - 0.5333)], abs=1e-3)
+    floored = tiny_detector(score_threshold=0.3, sizes=[320])
+    floored.model.forward_raw = overlapping_pair_network(floored.model)
+    result = floored(image)
+    assert result["scores"].tolist() == pytest.approx([0.9]) and result["labels"].tolist() == [1]
+    assert floored.settings.min_score == floored.settings.score_threshold == 0.3
+
+
 # ----- drawing -----
 def test_draw_detections():
     image = torch.full((3, 60, 80), 255, dtype=torch.uint8)
@@ -227,6 +261,18 @@ def test_draw_detections():
     assert torch.equal(draw_detections(image, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)), image)
     with pytest.raises(ValueError, match="2 boxes, 1 labels"):
         draw_detections(image, boxes, torch.tensor([1]))
+
+
+def test_best_boxes_are_drawn_last_so_their_labels_stay_readable():
+    image = torch.full((3, 60, 80), 255, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 40.0]]).repeat(2, 1)
+    labels, scores = torch.tensor([1, 2]), torch.tensor([0.9, 0.2])  # best first, as NMS returns them
+    names = ["best_of_all", "x"]  # the low box's label is shorter: the best one covers it entirely
+    alone = draw_detections(image, boxes[:1], labels[:1], scores[:1], names)
+    for order in ([0, 1], [1, 0]):
+        drawn = draw_detections(image, boxes[order], labels[order], scores[order], names)
+        assert torch.equal(drawn, alone)  # border and label of the best box on top of the low one
+    assert tuple(alone[:, 40, 30].tolist()) == class_color(1)
 
 
 # ----- sources and the command -----
@@ -335,3 +381,118 @@ def test_detect_multiscale_options_and_errors(image_folder, tmp_path, monkeypatc
     assert run_detect(image, "--no-save").exit_code == 0
     assert (tmp_path / "runs" / "detect" / "exp1" / "detections.json").is_file()
     assert next_run_dir(tmp_path / "runs" / "detect") == tmp_path / "runs" / "detect" / "exp2"
+
+
+# ----- thresholds and writing, on generated images -----
+@pytest.fixture
+def png_folder(tmp_path):
+    folder = tmp_path / "png"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        cv2.imwrite(str(folder / f"{name}.png"), rng.integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    return folder
+
+
+def invoke_detect(*args):
+    return CliRunner().invoke(app, ["detect", *map(str, args), "--preset", TINY])
+
+
+def read_rgb(path):
+    return torch.from_numpy(cv2.imread(str(path))[..., ::-1].copy()).permute(2, 0, 1)
+
+
+def test_detect_writes_and_draws_only_what_scores_above_the_floor(png_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(m2det.M2Det, "forward_raw", lambda self, batch: overlapping_pair_network(self)(batch))
+    image = png_folder / "a.png"
+    result = invoke_detect(image, "--out", tmp_path / "out")  # the default --score: 0.3
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "detections.json").read_text())
+    (entry,) = report["images"]
+    assert [d["score"] for d in entry["detections"]] == [0.9]  # the box decayed to 0.23 is not written
+    assert report["settings"]["min_score"] == report["settings"]["score_threshold"] == 0.3
+    assert len(json.loads((tmp_path / "out" / "results_coco.json").read_text())) == 1
+    assert read_json_lines(tmp_path / "out" / "detections.jsonl") == report["images"]
+    # ... nor drawn: the picture is the image with the one box kept
+    rgb = read_rgb(image)
+    kept = tiny_detector(score_threshold=0.3)(rgb)
+    expected = draw_detections(rgb, kept["boxes"], kept["labels"], kept["scores"], report["class_names"])
+    assert torch.equal(read_rgb(tmp_path / "out" / "a.png"), expected)
+
+    low = invoke_detect(image, "--out", tmp_path / "low", "--score", "0.2")
+    assert low.exit_code == 0, low.output
+    (entry,) = json.loads((tmp_path / "low" / "detections.json").read_text())["images"]
+    assert [d["score"] for d in entry["detections"]] == pytest.approx([0.9, 0.2333], abs=1e-3)
+    assert not torch.equal(read_rgb(tmp_path / "low" / "a.png"), expected)
+
+
+def error_lines(result):
+    return [line for line in result.output.splitlines() if "error" in line.lower()]
+
+
+def test_detect_out_that_is_a_file_is_one_clear_error(png_folder, tmp_path):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder")
+    result = invoke_detect(png_folder / "a.png", "--out", taken)
+    assert result.exit_code == 2
+    assert error_lines(result) == [f"error: {taken}: File exists (a file, where a folder is needed)"]
+    below = invoke_detect(png_folder / "a.png", "--out", taken / "run")
+    assert below.exit_code == 2
+    assert error_lines(below) == [
+        f"error: {taken / 'run'}: Not a directory ({taken} is a file, not a folder)"
+    ]
+    assert "Traceback" not in result.output + below.output
+
+
+def test_detect_keeps_the_images_done_when_a_picture_cannot_be_written(png_folder, tmp_path):
+    out = tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)  # a folder where the second picture goes
+    result = invoke_detect(png_folder, "--out", out, "--batch", "1", "--score", "0.5")
+    assert result.exit_code == 2
+    assert error_lines(result) == [
+        f"error: {out / 'b.png'}: Is a directory (a folder, where a file is needed)"
+    ]
+    # a.png was done, b.png detected but not drawn, c.png never reached; no final files
+    records = read_json_lines(out / "detections.jsonl")
+    assert [os.path.basename(r["file"]) for r in records] == ["a.png", "b.png"]
+    assert (out / "a.png").is_file() and not (out / "c.png").exists()
+    assert not (out / "detections.json").exists() and not list(out.glob(".*.tmp"))
+
+
+class FillsUp:
+    """A text file that takes `lines` writes and then fails like a full disk."""
+
+    def __init__(self, file, lines):
+        self.file, self.room = file, lines
+
+    def write(self, text):
+        if self.room == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= 1
+        return self.file.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_detect_on_a_full_disk_keeps_the_detections_written(png_folder, tmp_path, monkeypatch):
+    def open_filling_up(*args, **kwargs):
+        return FillsUp(open(*args, **kwargs), lines=2)  # noqa: SIM115 - the writer closes it
+
+    monkeypatch.setattr(jsonfile, "open", open_filling_up, raising=False)
+    out = tmp_path / "out"
+    result = invoke_detect(png_folder, "--out", out, "--batch", "1", "--no-save", "--score", "0.5")
+    assert result.exit_code == 2
+    assert error_lines(result) == [f"error: {out / 'detections.jsonl'}: No space left on device"]
+    records = read_json_lines(out / "detections.jsonl")
+    assert [os.path.basename(r["file"]) for r in records] == ["a.png", "b.png"]
+    assert all(set(r) == {"id", "file", "frame", "width", "height", "detections"} for r in records)
+
+
+def test_read_json_lines_ignores_only_a_last_line_cut_short(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"id": 1}\n{"id": 2}\n{"id": 3, "fi')
+    assert read_json_lines(path) == [{"id": 1}, {"id": 2}]
+    path.write_text('{"id": 1}\n{"id": 2\n{"id": 3}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl, line 2: not valid JSON"):
+        read_json_lines(path)

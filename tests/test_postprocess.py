@@ -213,9 +213,10 @@ def test_official_boxes_are_not_clipped():
     assert paper[0, 0].tolist() == pytest.approx([0.0, 0.0, 70.0, 35.0])
 
 
-def official_test_net(loc, logits, anchors, sizes, threshold=0.1, keep_per_class=50, max_per_image=300):
+def official_test_net(loc, logits, anchors, sizes, threshold=0.1, keep_per_class=50, top_k=0):
     """A transcription of the released evaluation: decode, scale by (w, h), per class `> threshold`,
-    cpu_soft_nms(method=1, sigma=0.45), first 50, then the per-image cap by the 300th score."""
+    cpu_soft_nms(method=1, sigma=0.45), first 50, then, only when `top_k > 0` (the released configs
+    set 0), the per-image cut at the `top_k`-th best score."""
     results = []
     for i, (h, w) in enumerate(sizes):
         deltas, p = loc[i], logits[i].softmax(-1)
@@ -233,37 +234,72 @@ def official_test_net(loc, logits, anchors, sizes, threshold=0.1, keep_per_class
                 :keep_per_class
             ]
         all_scores = np.concatenate([d[:, 4] for d in per_class.values()]) if per_class else np.zeros(0)
-        if len(all_scores) > max_per_image:
-            cut = np.sort(all_scores)[-max_per_image]
+        if top_k > 0 and len(all_scores) > top_k:
+            cut = np.sort(all_scores)[-top_k]
             per_class = {j: d[d[:, 4] >= cut] for j, d in per_class.items()}
         results.append(sorted((j, *row) for j, d in per_class.items() for row in d.tolist()))
     return results
+
+
+def result_rows(result):
+    return sorted(
+        (label, *box, score)
+        for label, box, score in zip(
+            result["labels"].tolist(), result["boxes"].tolist(), result["scores"].tolist()
+        )
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_official_settings_reproduce_the_released_evaluation(seed):
     loc, logits, anchors = random_predictions(anchors=400, classes=5, seed=seed)
     sizes = [(375, 500), (480, 640)]
-    out = PostProcessor(BoxCoder(), "official")(loc, logits, anchors, sizes)
-    expected = official_test_net(loc, logits, anchors, sizes, keep_per_class=20, max_per_image=50)
-    # the same with caps small enough to bite
+    expected = official_test_net(loc, logits, anchors, sizes, keep_per_class=20, top_k=50)
+    # with caps small enough to bite (the released code's rule for a positive topk)
     capped = PostProcessor(BoxCoder(), OFFICIAL.replace(max_per_class=20, max_per_image=50))
     for got, want in zip(capped(loc, logits, anchors, sizes), expected):
-        rows = sorted(
-            (label, *box, score)
-            for label, box, score in zip(
-                got["labels"].tolist(), got["boxes"].tolist(), got["scores"].tolist()
-            )
-        )
+        rows = result_rows(got)
         assert rows == want and len(rows) >= 50
-    for got, want in zip(out, official_test_net(loc, logits, anchors, sizes)):
-        assert len(got["scores"]) == len(want) > 50
+
+
+def test_official_settings_keep_every_detection_of_an_image_like_the_released_configs():
+    # 20 classes of 400 spread-out anchors: far more than 300 detections survive per image
+    loc, logits, anchors = random_predictions(num_images=1, anchors=400, classes=21, seed=4)
+    sizes = [(480, 640)]
+    (official,) = PostProcessor(BoxCoder(), "official")(loc, logits, anchors, sizes)
+    (want,) = official_test_net(loc, logits, anchors, sizes)  # topk = 0: no per-image cut
+    assert len(want) > 300 and result_rows(official) == want
+    (paper,) = PostProcessor(BoxCoder(), PAPER)(loc, logits, anchors, sizes)
+    assert len(paper["scores"]) == PAPER.max_per_image == 300
+
+
+def test_min_score_drops_what_soft_nms_decays_below_it():
+    # B covers half of A (IoU 0.5): linear soft-NMS decays its 0.5 to 0.25, under a floor of 0.3
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 5], [20, 20, 30, 30]])
+    found = Candidates(
+        image_index=torch.zeros(3, dtype=torch.int64),
+        boxes=boxes,
+        scores=torch.tensor([0.9, 0.5, 0.35]),
+        labels=torch.ones(3, dtype=torch.int64),
+    )
+    (kept_all,) = PostProcessor(BoxCoder(), PAPER.replace(score_threshold=0.3)).suppress(found, 1)
+    assert kept_all["scores"].tolist() == pytest.approx([0.9, 0.35, 0.25])
+    floor = PAPER.replace(score_threshold=0.3, min_score=0.3)
+    (floored,) = PostProcessor(BoxCoder(), floor).suppress(found, 1)
+    assert floored["scores"].tolist() == pytest.approx([0.9, 0.35])
+    assert torch.equal(floored["boxes"], boxes[[0, 2]])
+    # a floor on a score that is met exactly keeps the box
+    (exact,) = PostProcessor(BoxCoder(), floor.replace(min_score=0.35)).suppress(found, 1)
+    assert exact["scores"].tolist() == pytest.approx([0.9, 0.35])
+    with pytest.raises(ValueError, match="min_score"):
+        PAPER.replace(min_score=1.5)
 
 
 def test_settings_lookup_and_validation():
     assert get_settings("official") is OFFICIAL and get_settings(" Paper ") is PAPER
     assert PAPER.score_threshold == 0.05 and PAPER.nms == "linear" and not PAPER.plus_one
     assert OFFICIAL.score_threshold == 0.1 and OFFICIAL.plus_one and OFFICIAL.max_per_class == 50
+    assert OFFICIAL.max_per_image is None and PAPER.max_per_image == 300
     assert OFFICIAL.replace(nms="hard").iou_threshold == 0.45
     with pytest.raises(ValueError, match="unknown post-processing settings"):
         get_settings("fast")

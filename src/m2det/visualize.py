@@ -64,6 +64,7 @@ def draw_detections(
 
     `labels` are 1-based (0 is background) and `class_names` the foreground names, so the name of
     label l is `class_names[l - 1]`. Boxes reaching outside the image are drawn at its border.
+    With `scores`, the best boxes are drawn last, so that their labels lie on top of lower ones.
     """
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image must be CHW with 1 or 3 channels, got {tuple(image.shape)}")
@@ -85,7 +86,12 @@ def draw_detections(
     height, width_px = image.shape[-2:]
     limits = boxes.new_tensor([width_px - 1, height - 1] * 2)
     boxes = torch.minimum(torch.nan_to_num(boxes).clamp(min=0), limits)
-    score_list = [None] * len(boxes) if scores is None else torch.as_tensor(scores).float().tolist()
+    if scores is None:
+        score_list: list[Optional[float]] = [None] * len(boxes)
+    else:
+        score_tensor = torch.as_tensor(scores).detach().cpu().float().reshape(-1)
+        order = torch.argsort(score_tensor, stable=True)  # ascending: the best drawn last, on top
+        boxes, labels, score_list = boxes[order], labels[order], score_tensor[order].tolist()
     texts = [label_text(int(label), s, class_names) for label, s in zip(labels.tolist(), score_list)]
     colors = [class_color(int(label)) for label in labels.tolist()]
     side = min(height, width_px)

@@ -26,6 +26,9 @@ NMS_METHODS = ("hard", *SOFT_NMS_METHODS)
 class PostprocessSettings:
     """How raw predictions become detections.
 
+    `score_threshold` selects the candidates (scores above it) that enter NMS; `min_score` is the
+    lowest score a returned detection has, applied after NMS, where soft-NMS has lowered the scores
+    of overlapping boxes (0: everything NMS keeps, as evaluation wants for AP).
     `nms` is "linear" or "gaussian" soft-NMS, or "hard" (torchvision NMS at `iou_threshold`).
     Soft-NMS decays by overlap above `soft_iou_threshold` (linear) or with `sigma` (Gaussian) and
     drops boxes whose score falls below `score_floor`. `plus_one` is the legacy pixel convention
@@ -35,6 +38,7 @@ class PostprocessSettings:
     """
 
     score_threshold: float = 0.05
+    min_score: float = 0.0  # after NMS: detections scoring below it are not returned
     nms: str = "linear"
     soft_iou_threshold: float = 0.3
     sigma: float = 0.5
@@ -50,7 +54,7 @@ class PostprocessSettings:
     def __post_init__(self) -> None:
         if self.nms not in NMS_METHODS:
             raise ValueError(f"nms must be one of {NMS_METHODS}, got {self.nms!r}")
-        for name in ("score_threshold", "soft_iou_threshold", "iou_threshold", "score_floor"):
+        for name in ("score_threshold", "min_score", "soft_iou_threshold", "iou_threshold", "score_floor"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -65,14 +69,18 @@ class PostprocessSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-# The paper: score threshold 0.05 and linear soft-NMS; what it leaves open follows the released code.
+# The paper: score threshold 0.05 and linear soft-NMS; what it leaves open follows the released code,
+# except a cap of 300 detections per image (ours), which bounds the size of results (COCOeval reads
+# at most 100 per image).
 PAPER = PostprocessSettings()
 
-# The released code's test: score > 0.1, linear soft-NMS (Nt 0.3, floor 0.001), 50 per class, 300 per
-# image, "+1" areas, boxes not clipped. Its config's `iou=0.45` is the hard-NMS threshold when
-# soft-NMS is off, and with soft-NMS on lands in the sigma argument, hence sigma 0.45 here.
+# The released code's test: score > 0.1, linear soft-NMS (Nt 0.3, floor 0.001), 50 per class, "+1"
+# areas, boxes not clipped, and no per-image cap: its per-image cut runs only for `topk > 0`, and the
+# released configs set `topk = 0`. With a cap set (`.replace(max_per_image=N)`), its rule keeps every
+# box tying the N-th score. Its config's `iou=0.45` is the hard-NMS threshold when soft-NMS is off,
+# and with soft-NMS on lands in the sigma argument, hence sigma 0.45 here.
 OFFICIAL = PostprocessSettings(
-    score_threshold=0.1, sigma=0.45, plus_one=True, clip=False, cap_keeps_ties=True
+    score_threshold=0.1, sigma=0.45, max_per_image=None, plus_one=True, clip=False, cap_keeps_ties=True
 )
 
 SETTINGS: dict[str, PostprocessSettings] = {"paper": PAPER, "official": OFFICIAL}
@@ -164,7 +172,7 @@ class PostProcessor:
         )
 
     def suppress(self, found: Candidates, num_images: int) -> list[dict]:
-        """Per-class top-k, NMS within each (image, class), per-class and per-image caps."""
+        """Per-class top-k, NMS within each (image, class), per-class cap, `min_score`, per-image cap."""
         s = self.settings
         num_labels = int(found.labels.max()) + 1 if found.labels.numel() else 1
         groups = found.image_index * num_labels + found.labels
@@ -203,6 +211,8 @@ class PostProcessor:
 
     def _image_result(self, found: Candidates) -> dict:
         cap = self.settings.max_per_image
+        if self.settings.min_score > 0:
+            found = found.take((found.scores >= self.settings.min_score).nonzero().squeeze(1))
         found = found.take(torch.argsort(found.scores, descending=True, stable=True))
         if cap is not None and found.scores.numel() > cap:
             if self.settings.cap_keeps_ties:

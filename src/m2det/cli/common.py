@@ -1,40 +1,112 @@
-"""Helpers shared by the subcommands: expected errors as one clear line and exit code 2, option
-parsing (--set, --sizes) and run folders."""
+"""Helpers shared by the subcommands: expected errors as one clear line and exit code 2, help that
+reads cleanly, option parsing (--set, --sizes) and run folders."""
 
 from __future__ import annotations
 
+import errno
 import functools
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Errors that carry a message meant for the user (bad file, bad field, bad argument).
-USER_ERRORS = (
-    FileNotFoundError,
-    ValueError,
-    KeyError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+# Errors that carry a message meant for the user: a bad file, field or argument, and every error
+# of the file system (missing file, permission denied, disk full, a file where a folder should be).
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def os_error_message(exc: OSError) -> str:
+    """`PATH: reason` for an error of the system (`exc.filename`, `exc.strerror`); the message itself
+    for one that we raised with a message of our own."""
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    path = str(exc.filename) if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    hint = _os_error_hint(exc)
+    return f"{path}: {exc.strerror}" + (f" ({hint})" if hint else "")
+
+
+def _os_error_hint(exc: OSError) -> Optional[str]:
+    """What a file-or-folder error means for the path it names, where the system's words are unclear."""
+    if not isinstance(exc.filename, (str, Path)):
+        return None
+    path = Path(exc.filename)
+    if exc.errno == errno.EEXIST and path.is_file():
+        return "a file, where a folder is needed"
+    if exc.errno == errno.EISDIR and path.is_dir():
+        return "a folder, where a file is needed"
+    if exc.errno == errno.ENOTDIR:
+        blocking = next((parent for parent in (path, *path.parents) if parent.is_file()), None)
+        return f"{blocking} is a file, not a folder" if blocking is not None else None
+    return None
 
 
 def user_errors(func: F) -> F:
-    """Report expected errors as `error: ...` on stderr and exit 2, not as a traceback."""
+    """Report expected errors as one line `error: ...` on stderr and exit 2, not as a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except USER_ERRORS as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            if isinstance(exc, OSError):
+                message = os_error_message(exc)
+            else:
+                message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
             typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _CleanHelp:
+    """Help text as the command line reads: a flag (`--flip/--no-flip`, `--help`) shows no `<bool>`
+    placeholder, since it takes no value, and an argument shows as its metavar (SOURCE) in the
+    usage line, bare when required and `[SOURCE]` when not, instead of Typer's `{source}`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:  # type: ignore[attr-defined]
+            _clean_param(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            _clean_param(option)
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        plain = {
+            piece: _plain_usage(param)
+            for param in self.get_params(ctx)  # type: ignore[attr-defined]
+            if isinstance(param, TyperArgument)
+            for piece in param.get_usage_pieces(ctx)
+        }
+        return [plain.get(piece, piece) for piece in super().collect_usage_pieces(ctx)]  # type: ignore[misc]
+
+
+def _clean_param(param: Any) -> None:
+    """No type placeholder for a flag; an argument's metavar is its name in capitals."""
+    if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+        param.metavar = ""
+    elif isinstance(param, TyperArgument) and param.metavar is None:
+        param.metavar = (param.name or "").upper()
+
+
+def _plain_usage(argument: TyperArgument) -> str:
+    """SOURCE for a required argument, [SOURCE] for an optional one, with ... when it repeats."""
+    name = argument.display_name_raw
+    return (name if argument.required else f"[{name}]") + ("..." if argument.nargs != 1 else "")
+
+
+class CleanHelpCommand(_CleanHelp, TyperCommand):
+    """A subcommand whose help reads cleanly (see `_CleanHelp`)."""
+
+
+class CleanHelpGroup(_CleanHelp, TyperGroup):
+    """The `m2det` group, whose own help reads cleanly too (see `_CleanHelp`)."""
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 Writes annotated images and videos, `detections.json` (per image: file, frame, size, boxes with
 names) and `results_coco.json` (COCO results format) into a fresh `runs/detect/expN` or `--out`.
+Each image's detections are appended to `detections.jsonl` as soon as they are found, so a run
+stopped by a crash or a full disk keeps what it did; the two JSON files are built from it at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import typer
 from m2det.cli.common import next_run_dir, parse_sizes, user_errors
 
 DETECTIONS_JSON = "detections.json"
+DETECTIONS_JSONL = "detections.jsonl"
 COCO_RESULTS_JSON = "results_coco.json"
+# Detections scoring below this (after NMS) are neither written nor drawn, as in other detectors'
+# demos; evaluation keeps every box instead (its AP needs the low-scoring ones).
+DEFAULT_SCORE = 0.3
 
 
 def register(app: typer.Typer) -> None:
@@ -35,7 +41,13 @@ def detect(
     preset: Optional[str] = typer.Option(
         None, "--preset", help="Architecture of an official .pth (or of random weights), e.g. m2det512_vgg16."
     ),
-    score: Optional[float] = typer.Option(None, "--score", help="Score threshold (default: the settings')."),
+    score: float = typer.Option(
+        DEFAULT_SCORE,
+        "--score",
+        min=0.0,
+        max=1.0,
+        help="Lowest score written and drawn, after NMS (which lowers scores); also the candidate threshold.",
+    ),
     settings: str = typer.Option("paper", "--settings", help="Post-processing: paper | official."),
     nms: Optional[str] = typer.Option(
         None, "--nms", help="hard | linear | gaussian (default: the settings')."
@@ -90,8 +102,8 @@ def detect(
             flip=flip,
         )
     out_dir = out if out is not None else next_run_dir(Path("runs") / "detect")
-    run = DetectRun(detector, out_dir, save=save, max_frames=max_frames)
-    run.process(items)
+    with DetectRun(detector, out_dir, save=save, max_frames=max_frames) as run:
+        run.process(items)
     run.write_json(source)
     typer.echo(run.summary())
     if run.num_images + run.num_frames == 0:
@@ -109,27 +121,41 @@ def coco_category_ids(class_names: list[str]) -> list[int]:
 
 @dataclass
 class DetectRun:
-    """One `m2det detect` run: reads the inputs in batches, detects, draws, and records the results."""
+    """One `m2det detect` run: reads the inputs in batches, detects, draws, and records the results
+    (each image's at once, as a line of `detections.jsonl`; `write_json` builds the final files)."""
 
     detector: Any
     out_dir: Path
     save: bool = True
     max_frames: Optional[int] = None
     progress: bool = True
-    images: list[dict] = field(default_factory=list)
-    coco: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
+    num_records: int = 0  # images and video frames recorded
+    num_detections: int = 0
     num_images: int = 0
     num_frames: int = 0
     num_videos: int = 0
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        from m2det.io.jsonfile import JsonLinesWriter
+
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._names: set[str] = set()
         self._categories = coco_category_ids(self.detector.class_names)
+        self._records = JsonLinesWriter(self.out_dir / DETECTIONS_JSONL)
+
+    def __enter__(self) -> DetectRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close `detections.jsonl` (what it holds stays: one line per image recorded)."""
+        self._records.close()
 
     # ----- the loop -----
     def process(self, items: list) -> None:
@@ -238,23 +264,23 @@ class DetectRun:
         return [to_rgb_tensor(image) for image in images]
 
     def _record(self, path: str, frame: Optional[int], image: Any, result: dict) -> None:
-        from m2det.inference.results import coco_results, detection_records
+        """Append the image's detections to `detections.jsonl`, flushed at once."""
+        from m2det.inference.results import detection_records
 
-        image_id = len(self.images) + 1
         height, width = (int(v) for v in image.shape[-2:])
-        self.images.append(
+        detections = detection_records(result)
+        self._records.write(
             {
-                "id": image_id,
+                "id": self.num_records + 1,
                 "file": str(path),
                 "frame": frame,
                 "width": width,
                 "height": height,
-                "detections": detection_records(result),
+                "detections": detections,
             }
         )
-        self.coco += coco_results(
-            result["boxes"], result["scores"], result["labels"], image_id, self._categories
-        )
+        self.num_records += 1
+        self.num_detections += len(detections)
 
     def _draw(self, rgb: Any, result: dict) -> Any:
         """The detections drawn on an RGB CHW image, as an OpenCV (BGR HWC) array to encode."""
@@ -296,9 +322,20 @@ class DetectRun:
         self._bar.write(f"skipped {path}: {reason}")
 
     def write_json(self, source: str) -> None:
+        """`detections.json` and `results_coco.json` from the records of `detections.jsonl`, each
+        written atomically."""
         import dataclasses
 
-        from m2det.io.jsonfile import write_json
+        from m2det.inference.results import coco_result
+        from m2det.io.jsonfile import read_json_lines, write_json
+
+        self.close()
+        images = read_json_lines(self.out_dir / DETECTIONS_JSONL)
+        coco = [
+            coco_result(d["box"], d["score"], d["label"], image["id"], self._categories)
+            for image in images
+            for d in image["detections"]
+        ]
 
         report = {
             "source": source,
@@ -308,11 +345,11 @@ class DetectRun:
             "flip": self.detector.flip,
             "class_names": self.detector.class_names,
             "category_ids": self._categories,
-            "images": self.images,
+            "images": images,
             "skipped": self.skipped,
         }
         write_json(self.out_dir / DETECTIONS_JSON, report, indent=1)
-        write_json(self.out_dir / COCO_RESULTS_JSON, self.coco)
+        write_json(self.out_dir / COCO_RESULTS_JSON, coco)
 
     def summary(self) -> str:
         count = self.num_images + self.num_frames
@@ -321,7 +358,7 @@ class DetectRun:
         if self.num_videos:
             parts.append(f"{self.num_videos} videos ({self.num_frames} frames)")
         lines = [
-            f"detected in {', '.join(parts)}: {len(self.coco)} detections, "
+            f"detected in {', '.join(parts)}: {self.num_detections} detections, "
             f"{self.seconds:.1f} s ({rate:.2f} images/s)"
         ]
         if self.skipped:

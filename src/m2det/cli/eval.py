@@ -43,7 +43,11 @@ def evaluate_command(
         help="Post-processing: paper (score > 0.05) or official (score > 0.1, +1 areas).",
     ),
     score: Optional[float] = typer.Option(
-        None, "--score", min=0.0, max=1.0, help="Override the score threshold of --settings."
+        None,
+        "--score",
+        min=0.0,
+        max=1.0,
+        help="Lowest score kept, after NMS, and the candidate threshold (default: the settings', for AP).",
     ),
     sizes: Optional[str] = typer.Option(
         None, "--sizes", help="Multi-scale testing: input sizes, comma separated, e.g. 320,512."

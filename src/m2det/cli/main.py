@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import typer
+from typer.core import TyperCommand
 
 from m2det.cli import bench, browse, convert, demo, detect, eval, export, models, serve, train
+from m2det.cli.common import CleanHelpCommand, CleanHelpGroup
 
 app = typer.Typer(
+    cls=CleanHelpGroup,
     help="M2Det object detection: train, evaluate, detect, export, benchmark.",
     no_args_is_help=True,
     add_completion=False,
@@ -15,6 +18,9 @@ app = typer.Typer(
 
 for module in (models, convert, browse, eval, detect, serve, train, demo, bench, export):
     module.register(app)
+for command in app.registered_commands:  # help without `<bool>` placeholders, SOURCE not {source}
+    if command.cls in (None, TyperCommand):
+        command.cls = CleanHelpCommand
 
 
 def main() -> None:

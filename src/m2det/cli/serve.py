@@ -21,7 +21,12 @@ def serve(
     ),
     preset: Optional[str] = typer.Option(None, help="Architecture for an official .pth (or random weights)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
-    score: Optional[float] = typer.Option(None, help="Score threshold (default: the settings' own)."),
+    score: Optional[float] = typer.Option(
+        None,
+        min=0.0,
+        max=1.0,
+        help="Lowest score returned, after NMS (default: the settings'; clients filter with ?min_score=).",
+    ),
     settings: str = typer.Option("paper", help="Post-processing: paper or official."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),

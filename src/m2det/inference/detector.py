@@ -37,7 +37,10 @@ class Detector:
             names its architecture, e.g. "m2det512_vgg16"). None: RANDOM weights, with a warning.
         preset: the architecture for an official checkpoint or for random weights.
         device: where the network runs ("cpu", "cuda", "cuda:1", ...).
-        score_threshold: overrides the threshold of `settings`.
+        score_threshold: the lowest score a returned detection has, applied after NMS (soft-NMS
+            lowers the scores of overlapping boxes, so a candidate above it can end below); it is
+            also the candidate threshold before NMS. None: the settings' own (candidates above 0.05
+            for "paper", and everything NMS keeps returned, as evaluation wants for AP).
         settings: post-processing, "paper", "official" or a `PostprocessSettings`.
         batch_size: images per forward pass.
         sizes: input sizes for multi-scale testing (e.g. [320, 512, 704]); None: the model's own.
@@ -67,7 +70,7 @@ class Detector:
         self.model = load_model_for_inference(weights, preset).to(self.device).eval()
         chosen = get_settings(settings)
         if score_threshold is not None:
-            chosen = chosen.replace(score_threshold=float(score_threshold))
+            chosen = chosen.replace(score_threshold=float(score_threshold), min_score=float(score_threshold))
         self.postprocessor = PostProcessor(
             self.model.box_coder, chosen, categories=self.model.config.categories
         )

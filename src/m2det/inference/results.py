@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
-from torchvision.ops import box_convert
 
 
 def detection_records(result: dict[str, Any], min_score: float = 0.0) -> list[dict[str, Any]]:
@@ -30,15 +29,24 @@ def detection_records(result: dict[str, Any], min_score: float = 0.0) -> list[di
 def coco_results(
     boxes: Tensor, scores: Tensor, labels: Tensor, image_id: int, category_ids: Sequence[int]
 ) -> list[dict[str, Any]]:
-    """COCO results entries for one image: xyxy pixel `boxes` as [x, y, width, height], 1-based
-    `labels` mapped to the data set's `category_ids`."""
-    xywh = box_convert(boxes.detach().float().cpu(), "xyxy", "xywh")
+    """COCO results entries for one image's tensors: xyxy pixel `boxes`, `scores`, 1-based `labels`."""
     return [
-        {
-            "image_id": image_id,
-            "category_id": category_ids[label - 1],
-            "bbox": [round(v, 2) for v in box],
-            "score": round(score, 5),
-        }
-        for box, score, label in zip(xywh.tolist(), scores.float().cpu().tolist(), labels.cpu().tolist())
+        coco_result(box, score, label, image_id, category_ids)
+        for box, score, label in zip(
+            boxes.detach().float().cpu().tolist(), scores.float().cpu().tolist(), labels.cpu().tolist()
+        )
     ]
+
+
+def coco_result(
+    box: Sequence[float], score: float, label: int, image_id: int, category_ids: Sequence[int]
+) -> dict[str, Any]:
+    """One COCO results entry: the xyxy pixel `box` as [x, y, width, height], the 1-based `label`
+    mapped to the data set's `category_ids`."""
+    x1, y1, x2, y2 = box
+    return {
+        "image_id": image_id,
+        "category_id": category_ids[label - 1],
+        "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
+        "score": round(score, 5),
+    }

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from m2det.io.torchfile import atomic_path
+from m2det.io.torchfile import atomic_path, errors_name
 
 
 def read_json(path: Union[str, Path], what: str = "file", error: type[Exception] = ValueError) -> Any:
@@ -39,3 +39,51 @@ def write_json(path: Union[str, Path], data: Any, indent: Optional[int] = None) 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(finite_json(data), indent=indent))
     return path
+
+
+class JsonLinesWriter:
+    """Writes one JSON record per line, each flushed at once, so that the records written so far
+    survive a crash or a full disk; errors of the file system name the file."""
+
+    def __init__(self, path: Union[str, Path], append: bool = False):
+        self.path = Path(path)
+        with errors_name(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # kept open across writes; close() closes it
+            self._file = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: Any) -> None:
+        with errors_name(self.path):
+            self._file.write(json.dumps(finite_json(record)) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            with errors_name(self.path):
+                self._file.close()
+
+    def __enter__(self) -> JsonLinesWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_json_lines(path: Union[str, Path]) -> list[Any]:
+    """The records of a JSON Lines file. A last line cut short (no newline: the writer was stopped
+    mid-line) is left out; any other line that is not JSON raises ValueError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: JSON Lines file not found")
+    records = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # unterminated: the write was cut short
+                break
+            raise ValueError(f"{path}, line {number}: not valid JSON ({exc})") from None
+    return records

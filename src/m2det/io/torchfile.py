@@ -107,6 +107,16 @@ def atomic_path(path: Union[str, Path], durable: bool = False) -> Iterator[Path]
             tmp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def errors_name(path: Union[str, Path]) -> Iterator[None]:
+    """System errors raised inside name `path` when they name no file (a failed write or flush on a
+    full disk) or only a temporary, so that the message says which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        _raise_naming(exc, Path(path))
+
+
 def write_bytes_atomic(path: Union[str, Path], data: Union[bytes, memoryview]) -> Path:
     """Write `data` to `path` with `atomic_path(durable=True)`: all of it or, on any error, nothing.
 

@@ -44,6 +44,7 @@ def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> Fa
             "class_names": detector.class_names,
             "device": str(detector.device),
             "score_threshold": detector.settings.score_threshold,
+            "min_score": detector.settings.min_score,
         }
 
     @app.post("/detect")
