@@ -4,6 +4,10 @@ agreeing on it (phone photos upright, damaged files named and skipped)."""
 from __future__ import annotations
 
 import io
+import json
+import logging
+import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,11 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
+import m2det
 from image_helpers import (
     save_oriented,
     truncated_jpeg_bytes,
     upright_scene,
 )
+from m2det.data import DatasetError, build_dataset
+from m2det.engine.evaluate import evaluate
 from m2det.io.image import (
     ALPHA_BACKGROUND,
     CorruptImage,
@@ -122,3 +129,107 @@ def test_damaged_and_foreign_files_raise_errors_naming_them(tmp_path):
         decode_image(encode(Image.new("F", (4, 4), 0.5), "TIFF"), "float.tif")
     with pytest.raises(ImageReadError, match="empty"):
         decode_image(b"", "body")
+
+
+# ----- data sets and detection agree on phone photos -----
+def write_coco(root: Path, images: dict[str, tuple[int, int, list[list[float]]]]) -> Path:
+    """A COCO json beside `images/`: file name -> (width, height, boxes xyxy), one class."""
+    entries, annotations = [], []
+    for image_id, (name, (width, height, boxes)) in enumerate(images.items(), start=1):
+        entries.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        for x1, y1, x2, y2 in boxes:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                }
+            )
+    path = root / "annotations.json"
+    data = {"images": entries, "annotations": annotations, "categories": [{"id": 1, "name": "block"}]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_yolo_sizes_phone_photos_upright(tmp_path):
+    upright, (x1, y1, x2, y2) = upright_scene()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    save_oriented(tmp_path / "images" / "phone.jpg", upright, 6)
+    cx, cy, w, h = (x1 + x2) / 2 / 48, (y1 + y2) / 2 / 64, (x2 - x1) / 48, (y2 - y1) / 64
+    (tmp_path / "labels" / "phone.txt").write_text(f"0 {cx} {cy} {w} {h}\n")
+    (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: [block]\n")
+    dataset = build_dataset(tmp_path / "data.yaml")
+    image, target = dataset[0]
+    assert tuple(image.shape) == (3, 64, 48) and target["orig_size"].tolist() == [64, 48]
+    assert target["boxes"][0].tolist() == pytest.approx([x1, y1, x2, y2], abs=1e-4)
+
+
+def test_annotation_in_the_stored_frame_is_named_with_the_reason(tmp_path, caplog):
+    upright, _ = upright_scene()
+    (tmp_path / "images").mkdir()
+    save_oriented(tmp_path / "images" / "phone.jpg", upright, 6)
+    Image.fromarray(upright).save(tmp_path / "images" / "plain.jpg")
+    # a tool that ignored the orientation recorded the stored 64x48
+    path = write_coco(tmp_path, {"phone.jpg": (64, 48, []), "plain.jpg": (48, 64, [])})
+    dataset = build_dataset(path)
+    with caplog.at_level(logging.WARNING, logger="m2det.data"):
+        _, target = dataset[0]
+    assert target["image_id"] == 2
+    (issue,) = dataset.report.issues
+    assert issue.where.endswith("phone.jpg") and issue.action == "image dropped"
+    assert "48x64 but its annotation says 64x48" in issue.problem and "EXIF orientation 6" in issue.problem
+    assert any("phone.jpg" in r.getMessage() and "EXIF" in r.getMessage() for r in caplog.records)
+
+
+# ----- damaged files: named, skipped -----
+@pytest.fixture
+def set_with_a_cut_image(tmp_path) -> Path:
+    (tmp_path / "images").mkdir()
+    for name, value in (("a.jpg", 60), ("c.jpg", 200)):
+        Image.new("RGB", (64, 48), (value, value, value)).save(tmp_path / "images" / name)
+    (tmp_path / "images" / "b.jpg").write_bytes(truncated_jpeg_bytes(64, 48))
+    box = [[8.0, 8.0, 40.0, 30.0]]
+    return write_coco(tmp_path, {name: (64, 48, box) for name in ("a.jpg", "b.jpg", "c.jpg")})
+
+
+def test_data_set_reports_and_skips_a_truncated_image(set_with_a_cut_image, caplog):
+    dataset = build_dataset(set_with_a_cut_image)
+    with caplog.at_level(logging.WARNING, logger="m2det.data"):
+        image, target = dataset[1]
+    assert target["image_id"] == 3 and int(image[0, 0, 0]) > 150  # c.jpg stands in for b.jpg
+    (issue,) = dataset.report.issues
+    assert issue.where.endswith("b.jpg") and "truncated" in issue.problem and issue.action == "image dropped"
+    (record,) = [r for r in caplog.records if "b.jpg" in r.getMessage()]
+    assert "truncated" in record.getMessage() and "next image" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="m2det.data"):
+        assert dataset[1][1]["image_id"] == 3  # known now: skipped without a second report
+    assert not caplog.records and len(dataset.report.issues) == 1
+    strict = build_dataset(set_with_a_cut_image, strict=True)
+    with pytest.raises(DatasetError, match=r"b\.jpg: truncated"):
+        strict[1]
+
+
+def test_evaluation_leaves_out_a_truncated_image(set_with_a_cut_image):
+    torch.manual_seed(0)
+    model = m2det.build_model(TINY, num_classes=2, class_names=["block"])
+
+    def run(path: Path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return evaluate(model, build_dataset(path, keep_ignored=True), batch_size=3, progress=False)
+
+    result = run(set_with_a_cut_image)
+    # the same as a set without b.jpg: a.jpg and c.jpg scored once each (c.jpg stood in for b.jpg)
+    data = json.loads(set_with_a_cut_image.read_text())
+    data["images"] = [i for i in data["images"] if i["file_name"] != "b.jpg"]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 2]
+    without = set_with_a_cut_image.with_name("without_b.json")
+    without.write_text(json.dumps(data))
+    expected = run(without)
+    assert result.num_images == expected.num_images == 2
+    assert len(expected.detections_coco) > 0
+    assert result.detections_coco == expected.detections_coco
+    assert result.to_json()["metrics"] == expected.to_json()["metrics"]

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
-from m2det.data.base import IMAGE_SUFFIXES
+from m2det.io.image import IMAGE_SUFFIXES
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 
