@@ -14,15 +14,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 import m2det
 from image_helpers import (
+    jpeg_bytes,
     save_oriented,
     truncated_jpeg_bytes,
     upright_scene,
 )
+from m2det.cli.main import app
 from m2det.data import DatasetError, build_dataset
 from m2det.engine.evaluate import evaluate
+from m2det.inference.detector import to_rgb_tensor
 from m2det.io.image import (
     ALPHA_BACKGROUND,
     CorruptImage,
@@ -152,6 +156,35 @@ def write_coco(root: Path, images: dict[str, tuple[int, int, list[list[float]]]]
     return path
 
 
+def tiny_detector() -> m2det.Detector:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: only the pixels it sees matter here
+        return m2det.Detector(preset=TINY, score_threshold=0.3)
+
+
+def test_phone_photo_is_trained_and_detected_upright(tmp_path):
+    upright, box = upright_scene()  # 48 wide, 64 high, as the phone shows it
+    (tmp_path / "images").mkdir()
+    photo = save_oriented(tmp_path / "images" / "phone.jpg", upright, 6)
+    dataset = build_dataset(write_coco(tmp_path, {"phone.jpg": (48, 64, [box])}))
+    assert not dataset.report.issues
+    image, target = dataset[0]
+    assert tuple(image.shape) == (3, 64, 48)
+    assert target["boxes"].tolist() == [box]
+    x1, y1, x2, y2 = (int(v) for v in box)
+    inside = hwc(image)[y1:y2, x1:x2].astype(int).mean(axis=(0, 1))
+    assert inside[0] > 180 and inside[1] < 60  # the box sits on the red block
+    # the Detector on the path sees the very pixels the data set trains on
+    assert torch.equal(to_rgb_tensor(photo), image.as_subclass(torch.Tensor))
+    assert torch.equal(to_rgb_tensor(Image.open(photo)), image.as_subclass(torch.Tensor))
+    detector = tiny_detector()
+    from_path, from_dataset = detector([photo, image.as_subclass(torch.Tensor)])
+    assert len(from_path["boxes"]) > 0
+    assert torch.equal(from_path["boxes"], from_dataset["boxes"])
+    assert (from_path["boxes"][:, 0::2] <= 48).all() and (from_path["boxes"][:, 1::2] <= 64).all()
+
+
 def test_yolo_sizes_phone_photos_upright(tmp_path):
     upright, (x1, y1, x2, y2) = upright_scene()
     (tmp_path / "images").mkdir()
@@ -233,3 +266,25 @@ def test_evaluation_leaves_out_a_truncated_image(set_with_a_cut_image):
     assert len(expected.detections_coco) > 0
     assert result.detections_coco == expected.detections_coco
     assert result.to_json()["metrics"] == expected.to_json()["metrics"]
+
+
+def test_detect_names_skips_and_counts_a_truncated_image(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    upright, _ = upright_scene()
+    (folder / "a_good.jpg").write_bytes(jpeg_bytes(upright))
+    (folder / "b_cut.jpg").write_bytes(truncated_jpeg_bytes())
+    save_oriented(folder / "c_phone.jpg", upright, 6)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["detect", str(folder), "--preset", TINY, "--score", "0.3", "--out", str(out), "--batch", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output and "b_cut.jpg" in result.output and "truncated" in result.output
+    assert "skipped 1:" in result.output
+    report = json.loads((out / "detections.json").read_text())
+    assert [Path(i["file"]).name for i in report["images"]] == ["a_good.jpg", "c_phone.jpg"]
+    assert all((i["width"], i["height"]) == (48, 64) for i in report["images"])  # the phone photo upright
+    (skipped,) = report["skipped"]
+    assert Path(skipped["file"]).name == "b_cut.jpg" and "truncated" in skipped["reason"]
+    assert cv2.imread(str(out / "c_phone.jpg")).shape == (64, 48, 3)
