@@ -12,8 +12,10 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import m2det  # noqa: E402
+from image_helpers import save_oriented, truncated_jpeg_bytes, upright_scene  # noqa: E402
 from m2det.inference.detector import Detector  # noqa: E402
 from m2det.io.checkpoint import save_model  # noqa: E402
+from m2det.io.image import read_image  # noqa: E402
 from m2det.serve import create_app  # noqa: E402
 
 
@@ -54,6 +56,21 @@ def test_bad_bodies_are_clear_errors(detector):
     client = TestClient(create_app(detector, max_image_bytes=1000))
     assert client.post("/detect", content=b"").status_code == 400
     response = client.post("/detect", content=b"this is not an image")
-    assert response.status_code == 415 and "decode" in response.json()["detail"]
+    assert response.status_code == 415 and "request body: not an image" in response.json()["detail"]
     ok, png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     assert client.post("/detect", content=png.tobytes()).status_code == 413
+
+
+def test_truncated_image_is_refused_and_phone_photo_read_upright(detector, tmp_path):
+    client = TestClient(create_app(detector))
+    response = client.post("/detect", content=truncated_jpeg_bytes())
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("request body: truncated or damaged image data")
+    photo = save_oriented(tmp_path / "phone.jpg", upright_scene()[0], 6)  # stored 64x48, shown 48x64
+    response = client.post("/detect", content=photo.read_bytes())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["width"], body["height"]) == (48, 64)
+    expected = detector(read_image(photo))
+    assert len(body["detections"]) == len(expected["scores"]) > 0
+    assert body["detections"][0]["box"] == pytest.approx(expected["boxes"][0].tolist(), abs=0.01)

@@ -159,7 +159,7 @@ class DetectRun:
 
     # ----- the loop -----
     def process(self, items: list) -> None:
-        from m2det.inference.sources import read_image
+        from m2det.io.image import read_image
         from m2det.progress import progress_bar
 
         start = time.perf_counter()
@@ -258,7 +258,8 @@ class DetectRun:
     # ----- results -----
     @staticmethod
     def _rgb(images: list[Any]) -> list[Any]:
-        """OpenCV images (BGR HWC) as the RGB CHW tensors that both detection and drawing take."""
+        """Images (RGB CHW already) and video frames (OpenCV's BGR HWC) as the RGB CHW tensors that
+        both detection and drawing take."""
         from m2det.inference.detector import to_rgb_tensor
 
         return [to_rgb_tensor(image) for image in images]

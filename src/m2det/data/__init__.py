@@ -5,7 +5,7 @@
 model inputs; `collate_fn` / `build_loader` batch them.
 """
 
-from m2det.data.base import DataReport, DatasetError, DetectionDataset, ImageInfo, Record, read_image
+from m2det.data.base import DataReport, DatasetError, DetectionDataset, ImageInfo, Record
 from m2det.data.build import build_dataset
 from m2det.data.coco import CocoDetection
 from m2det.data.loader import build_loader, collate_fn
@@ -47,5 +47,4 @@ __all__ = [
     "build_train_transform",
     "collate_fn",
     "generate_shapes_dataset",
-    "read_image",
 ]

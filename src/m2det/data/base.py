@@ -20,15 +20,14 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from m2det.io.image import ImageReadError, exif_orientation, read_image
+from m2det.io.image import image_size as read_image_size
+
 logger = logging.getLogger("m2det.data")
 
 PathLike = Union[str, Path]
 Sample = tuple[tv_tensors.Image, dict[str, Any]]
 Transform = Callable[[tv_tensors.Image, dict[str, Any]], Sample]
-
-# Image files the data sets and `m2det detect` read (PIL and OpenCV both decode these), in the
-# order a VOC image id is tried with.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # A box further outside its image than this (in pixels) is reported when clipped; closer is rounding.
 OUTSIDE_TOLERANCE = 1.0
@@ -191,28 +190,24 @@ def parse_number(value: Any, what: str) -> float:
     return number
 
 
-def read_image(path: PathLike) -> tv_tensors.Image:
-    """Decode an image file as uint8 RGB [3, H, W] with Pillow (pixels as stored: no EXIF rotation,
-    the same size that `image_size` and the annotation tools read)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            array = np.array(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{path}: cannot be read as an image ({exc})") from None
-    return tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
-
-
 def image_size(path: PathLike) -> tuple[int, int]:
-    """(width, height) from the image file's header, without decoding the pixels."""
-    from PIL import Image
-
+    """(width, height) of the image upright (see `m2det.io.image`), from its header; an unreadable
+    file is a `MalformedAnnotation` (its image is dropped)."""
     try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise MalformedAnnotation(f"image {path} cannot be read ({exc})") from None
+        return read_image_size(path)
+    except ImageReadError as exc:
+        raise MalformedAnnotation(f"image {exc.source}: {exc.problem}") from None
+
+
+def _swapped_size_hint(path: PathLike) -> str:
+    """Why an image's width and height are the annotation's swapped, when EXIF orientation explains it."""
+    orientation = exif_orientation(path)
+    if orientation not in (5, 6, 7, 8):
+        return ""
+    return (
+        f" (its EXIF orientation {orientation} turns it upright: give sizes and boxes for the upright "
+        "image, as phones and labelling tools show it)"
+    )
 
 
 class DetectionDataset(Dataset):
@@ -243,6 +238,7 @@ class DetectionDataset(Dataset):
         self.transforms = transforms
         self.keep_ignored = keep_ignored
         self._coco_gt: Any = None
+        self._unusable: set[int] = set()  # indices found unusable when loading (in this process)
         report.log()
 
     @property
@@ -269,15 +265,17 @@ class DetectionDataset(Dataset):
         return {name: counts.get(i + 1, 0) for i, name in enumerate(self.class_names)}
 
     def load_image(self, index: int) -> tv_tensors.Image:
-        """The decoded image, checked to be the size its annotation was given for."""
+        """The decoded image (upright, RGB: the rule of `m2det.io.image`), checked to be the size its
+        annotation was given for; `ImageReadError` naming the file when it is not usable."""
         info = self.records[index].info
         image = read_image(info.path)
-        if tuple(image.shape[-2:]) != (info.height, info.width):
-            raise DatasetError(
-                f"{info.path}: image is {image.shape[-1]}x{image.shape[-2]} but its annotation "
-                f"says {info.width}x{info.height}"
-            )
-        return image
+        height, width = image.shape[-2:]
+        if (height, width) != (info.height, info.width):
+            problem = f"image is {width}x{height} but its annotation says {info.width}x{info.height}"
+            if (height, width) == (info.width, info.height):
+                problem += _swapped_size_hint(info.path)
+            raise ImageReadError(info.path, problem)
+        return tv_tensors.Image(image)
 
     def target(self, index: int) -> dict[str, Any]:
         """The untransformed target in the file's pixels (ignored boxes removed unless `keep_ignored`)."""
@@ -297,23 +295,32 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a data set of {len(self)} images")
-        # An image that turns out unreadable only now (files are not decoded up front) is replaced
-        # by the next one, with a warning naming it, so one bad file does not end a training run.
+        # An image that turns out unusable only now (files are not decoded up front) is reported,
+        # dropped and replaced by the next one, so one bad file does not end a training run.
         for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            if candidate in self._unusable:
+                continue
             try:
-                image = self.load_image((index + offset) % len(self))
+                image = self.load_image(candidate)
                 break
-            except DatasetError as exc:
-                if self.report.strict:
-                    raise
-                logger.warning("%s; using the next image instead", exc)
+            except ImageReadError as exc:
+                self._drop_unusable(candidate, exc)
         else:
             raise DatasetError(f"{self.report.source}: none of the images can be read")
-        index = (index + offset) % len(self)
-        target = self.target(index)
+        target = self.target(candidate)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+    def _drop_unusable(self, index: int, exc: ImageReadError) -> None:
+        """Report an image found unusable when loading (strict: `DatasetError`) and skip it from now on.
+
+        With DataLoader workers each worker finds and reports it in its own copy of the data set.
+        """
+        self.report.add(exc.source, exc.problem, IMAGE_ACTION_DROPPED)
+        self._unusable.add(index)
+        logger.warning("%s (%s); using the next image instead", exc, IMAGE_ACTION_DROPPED)
 
     def coco_gt(self) -> Any:
         """The ground truth as a pycocotools `COCO`, in the original pixels (built once).

@@ -15,7 +15,6 @@ from typing import Optional
 from m2det.data.base import (
     BOX_ACTION_DROPPED,
     IMAGE_ACTION_DROPPED,
-    IMAGE_SUFFIXES,
     DataReport,
     DatasetError,
     DetectionDataset,
@@ -28,6 +27,7 @@ from m2det.data.base import (
     make_record,
     parse_number,
 )
+from m2det.io.image import IMAGE_SUFFIXES
 
 
 def is_voc_root(path: PathLike) -> bool:

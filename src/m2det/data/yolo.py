@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 from m2det.data.base import (
     IMAGE_ACTION_DROPPED,
-    IMAGE_SUFFIXES,
     DataReport,
     DatasetError,
     DetectionDataset,
@@ -27,6 +26,7 @@ from m2det.data.base import (
     make_record,
     parse_number,
 )
+from m2det.io.image import IMAGE_SUFFIXES
 
 
 def load_data_yaml(path: Path) -> dict[str, Any]:

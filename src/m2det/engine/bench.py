@@ -339,9 +339,9 @@ def _torch_model(settings: BenchSettings) -> Any:
 def _test_image(settings: BenchSettings) -> Tensor:
     """The image that preprocessing starts from: uint8 RGB CHW, as decoded from a file."""
     if settings.image is not None:
-        from m2det.data import read_image
+        from m2det.io.image import read_image
 
-        return read_image(settings.image).as_subclass(Tensor)
+        return read_image(settings.image)
     h, w = settings.image_size
     return torch.randint(
         0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(settings.seed)

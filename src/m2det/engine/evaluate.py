@@ -497,6 +497,9 @@ def _predict(
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Detections in COCO results format and the image ids seen, in data set order.
 
+    An image the data set cannot read is reported and dropped by it (`DetectionDataset` hands the
+    next image instead); it is left out of the scores, and the warning names it.
+
     Boxes are in the original image pixels (the data set's `target["orig_size"]`; an image a
     transform resized has its boxes scaled back) and labels are the data set's category ids.
     """
@@ -521,14 +524,19 @@ def _predict(
     model.eval()
     results: list[dict[str, Any]] = []
     image_ids: list[int] = []
+    seen: set[int] = set()
     try:
         with progress_bar(total=len(dataset), desc="eval", unit="img", enabled=progress) as bar:
             for images, targets in loader:
                 tensors = [torch.as_tensor(im).as_subclass(Tensor).to(device) for im in images]
                 outputs = detect_multiscale(model, post, tensors, scales, flip)
                 for output, target, tensor in zip(outputs, targets, tensors):
+                    image_id = int(target["image_id"])
+                    if image_id in seen:  # an unreadable image came back as the next one: score it once
+                        continue
+                    seen.add(image_id)
                     results.extend(_to_coco(output, target, tuple(tensor.shape[-2:]), categories))
-                    image_ids.append(int(target["image_id"]))
+                    image_ids.append(image_id)
                 bar.update(len(images))
     finally:
         for module, training in modes.items():

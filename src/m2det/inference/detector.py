@@ -113,15 +113,18 @@ class Detector:
 
 
 def to_rgb_tensor(image: ImageInput, where: str = "image") -> Tensor:
-    """A path, PIL image, OpenCV-style numpy array (BGR HWC uint8) or CHW tensor -> RGB CHW tensor."""
+    """A path, PIL image, OpenCV-style numpy array (BGR HWC uint8) or CHW tensor -> RGB CHW tensor.
+
+    Files and PIL images follow the rule of `m2det.io.image` (EXIF orientation applied, alpha
+    composited on white, ...), as training and evaluation read them."""
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"{where}: expected a CHW tensor with 1 or 3 channels, got {tuple(image.shape)}")
         return image.expand(3, -1, -1) if image.shape[0] == 1 else image
     if isinstance(image, (str, Path)):
-        from m2det.inference.sources import read_image
+        from m2det.io.image import read_image
 
-        image = read_image(image)
+        return read_image(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(
@@ -135,14 +138,12 @@ def to_rgb_tensor(image: ImageInput, where: str = "image") -> Tensor:
             )
         rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., 2::-1]  # BGR(A) -> RGB
         return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - PIL ships with torchvision
-        Image = None  # type: ignore[assignment]
-    if Image is not None and isinstance(image, Image.Image):
-        from torchvision.transforms.functional import pil_to_tensor
+    from PIL import Image
 
-        return pil_to_tensor(image.convert("RGB"))
+    if isinstance(image, Image.Image):
+        from m2det.io.image import to_rgb
+
+        return to_rgb(image, where)
     raise ValueError(
         f"{where}: expected a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}"
     )

@@ -1,8 +1,9 @@
 """What `m2det detect` reads: an image, a folder, a glob, a video file or a camera index.
 
-Images come back as OpenCV arrays (BGR, HWC, uint8), like `cv2.imread`; videos and cameras are
-read with `cv2.VideoCapture`. Files that are not images or videos are listed as unsupported with
-the reason, for the caller to report and skip.
+Image files are read with `m2det.io.image.read_image` (the rule every part of m2det decodes by);
+videos and cameras are read with `cv2.VideoCapture`, frames as OpenCV arrays (BGR, HWC, uint8).
+Files that are not images or videos are listed as unsupported with the reason, for the caller to
+report and skip.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
-from m2det.data.base import IMAGE_SUFFIXES
+from m2det.io.image import IMAGE_SUFFIXES
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
 
@@ -64,31 +65,6 @@ def resolve_source(source: Union[str, Path]) -> list[SourceItem]:
     raise FileNotFoundError(
         f"source not found: {text} (expected an image, a folder, a glob, a video or a camera index)"
     )
-
-
-def read_image(path: Union[str, Path]) -> np.ndarray:
-    """An image file as a BGR HWC uint8 array; ValueError naming the file when it cannot be decoded."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        image = _read_with_pil(path)
-    if image is None:
-        raise ValueError(f"{path}: cannot be decoded as an image")
-    return image
-
-
-def _read_with_pil(path: Path) -> Optional[np.ndarray]:
-    """PIL reads a few formats OpenCV lacks; None when it cannot either."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
-    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 class VideoReader:

@@ -1,0 +1,185 @@
+"""Image files and bytes: the one decoder that training, evaluation, detection, bench and serve use.
+
+Every image becomes a uint8 RGB tensor `[3, H, W]` by one rule, decoded with Pillow:
+
+- EXIF orientation is applied: the image comes out upright, as phones and photo viewers show it
+  (and as labelling tools show it, so boxes are given in that frame). `image_size` gives that
+  upright size from the file's header.
+- Grayscale (and 1-bit) becomes 3 equal channels; palette and CMYK images are converted to RGB.
+- 16-bit pixels keep their high byte (value // 256), as Pillow does for 16-bit RGB and libpng and
+  OpenCV do for all 16-bit images; 32-bit float pixels are refused (no agreed 8-bit range).
+- Transparency (an alpha channel, a palette with alpha, or a transparent colour) is composited on
+  white, `ALPHA_BACKGROUND`, as documents and web pages show transparent images; the colours
+  stored under fully transparent pixels are arbitrary and never reach the model.
+- Only the first frame of an animated or multi-page file is read.
+
+A file or body that cannot be decoded raises an `ImageReadError` naming it and saying what is
+wrong: `UnsupportedImage` (not an image Pillow reads, or pixels with no RGB meaning) or
+`CorruptImage` (truncated or damaged data). Truncation is found because the pixels are decoded in
+full with Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` left False (m2det never sets it).
+
+Why Pillow and not OpenCV: `cv2.imread` decodes a truncated JPEG as a half-grey image with a bare
+libjpeg warning that names no file (while `cv2.imdecode` returns None for the same bytes), applies
+EXIF orientation to JPEG only, and leaves no control over alpha. Pillow reports truncation as an
+error and reads orientation from JPEG, PNG, WebP and TIFF alike. Both use libjpeg-turbo: a
+640x480 JPEG decodes to identical pixels, Pillow (this whole rule) taking about 0.3 ms more on
+an idle core (2.1 against 1.7 ms; `benchmarks/image_decode.py`), little beside the network.
+Video frames are not images in this sense: they stay with `cv2.VideoCapture`.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, ImageOps
+from torch import Tensor
+
+PathLike = Union[str, Path]
+
+# Image files the data sets and `m2det detect` read, in the order a VOC image id is tried with.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# What transparent pixels are composited on (RGB).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+# EXIF orientations that turn the image by 90 degrees, so its upright width is the stored height.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# What Pillow raises on damaged data (its plugins use SyntaxError, struct and index errors too).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+_READABLE = "JPEG, PNG, BMP, TIFF, WebP, PPM/PGM"
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be used: `source` names the file (or request body), `problem` says why."""
+
+    def __init__(self, source: object, problem: str) -> None:
+        self.source = str(source)
+        self.problem = problem
+        super().__init__(f"{self.source}: {problem}")
+
+
+class ImageNotFound(ImageReadError, FileNotFoundError):
+    """The image file does not exist (also a `FileNotFoundError`)."""
+
+
+class UnsupportedImage(ImageReadError):
+    """Not an image format Pillow reads, or pixels that have no RGB meaning."""
+
+
+class CorruptImage(ImageReadError):
+    """The image's data is truncated or damaged."""
+
+
+def read_image(path: PathLike) -> Tensor:
+    """An image file as uint8 RGB `[3, H, W]`, upright, by the module's rule; `ImageReadError` naming it."""
+    path = _existing(path)
+    with _open(path, path) as image:
+        return to_rgb(image, path)
+
+
+def decode_image(data: bytes, source: str = "image bytes") -> Tensor:
+    """Encoded image bytes (a file's content) as uint8 RGB `[3, H, W]`, by the same rule as `read_image`.
+
+    `source` names the bytes in errors (e.g. "request body").
+    """
+    if not data:
+        raise UnsupportedImage(source, "empty: no image data")
+    with _open(io.BytesIO(data), source) as image:
+        return to_rgb(image, source)
+
+
+def to_rgb(image: Image.Image, source: object = "image") -> Tensor:
+    """An opened Pillow image as uint8 RGB `[3, H, W]` by the module's rule (`image` is not changed).
+
+    The pixels are decoded here, so truncated or damaged data raises `CorruptImage` naming `source`.
+    """
+    try:
+        image.load()
+        if _orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        raise UnsupportedImage(source, f"too large to decode ({exc})") from None
+    except _DECODE_ERRORS as exc:
+        raise CorruptImage(source, f"truncated or damaged image data ({exc})") from None
+    if image.mode == "F":
+        raise UnsupportedImage(
+            source, "32-bit float pixels have no agreed 8-bit range; save it as 8 or 16 bit"
+        )
+    if image.mode in _SIXTEEN_BIT_MODES:
+        high_byte = np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8
+        image = Image.fromarray(high_byte.astype(np.uint8), "L")
+    try:
+        if image.has_transparency_data:
+            background = Image.new("RGBA", image.size, (*ALPHA_BACKGROUND, 255))
+            image = Image.alpha_composite(background, image.convert("RGBA"))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+    except ValueError as exc:
+        raise UnsupportedImage(source, f"{image.mode} pixels cannot be converted to RGB ({exc})") from None
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def image_size(path: PathLike) -> tuple[int, int]:
+    """(width, height) of the image `read_image` returns (EXIF orientation applied), from the header.
+
+    The pixels are not decoded, so a truncated file is only found by `read_image`. A PNG whose EXIF
+    block follows its pixel data (rare) is taken as unrotated here, as finding it means decoding.
+    """
+    path = _existing(path)
+    with _open(path, path) as image:
+        width, height = image.size
+        orientation = _header_orientation(image, path)
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
+
+
+def exif_orientation(path: PathLike) -> int:
+    """The EXIF orientation of an image file, 1..8 (1: upright as stored, also when absent or
+    invalid), from its header."""
+    path = _existing(path)
+    with _open(path, path) as image:
+        return _header_orientation(image, path)
+
+
+def _orientation(image: Image.Image, decode: bool = True) -> int:
+    """The EXIF orientation of an opened image (1 when absent or invalid); `decode=False` looks only
+    at what the header holds (Pillow decodes a PNG to look for EXIF after its pixels)."""
+    if not decode and image.format == "PNG" and "exif" not in image.info:
+        return 1
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _header_orientation(image: Image.Image, source: object) -> int:
+    try:
+        return _orientation(image, decode=False)
+    except _DECODE_ERRORS as exc:
+        raise CorruptImage(source, f"damaged image header ({exc})") from None
+
+
+def _existing(path: PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ImageNotFound(path, "image file not found")
+    return path
+
+
+def _open(file: Union[Path, io.BytesIO], source: object) -> Image.Image:
+    """`Image.open` with its failures as `ImageReadError` naming `source`."""
+    try:
+        return Image.open(file)
+    except Image.UnidentifiedImageError:
+        raise UnsupportedImage(
+            source, f"not an image file Pillow can read (expected {_READABLE}, ...)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise UnsupportedImage(source, f"too large to decode ({exc})") from None
+    except OSError as exc:  # the file itself: a folder, no permission, ...
+        raise ImageReadError(source, f"cannot be opened ({exc.strerror or exc})") from None
+    except _DECODE_ERRORS as exc:
+        raise CorruptImage(source, f"damaged image header ({exc})") from None
