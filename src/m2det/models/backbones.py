@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable, Union
 
 from torch import Tensor, nn
-from torchvision.models import resnet101, vgg16
+from torchvision.models import resnet101
+from torchvision.models.vgg import cfgs, make_layers
 
 from m2det.config import BackboneConfig
 from m2det.io.torchfile import load_state_dict_file
@@ -40,7 +41,13 @@ class VGG16Reduced(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layers = list(vgg16(weights=None).features.children())[:30]  # up to relu5_3
+        # torchvision's VGG16 conv stack (config "D") up to relu5_3, initialised as torchvision's VGG
+        # does; building only the stack skips the 120 M-parameter classifier, which took seconds
+        layers = list(make_layers(cfgs["D"]).children())[:30]
+        for layer in layers:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
         layers[16] = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         layers += [
             nn.MaxPool2d(kernel_size=3, stride=1, padding=1),
