@@ -1,12 +1,15 @@
 """ImageNet backbones as the paper used them: torchvision's VGG16 reduced to SSD's conv6/conv7, the
-official vgg16_reducedfc.pth, ResNet-101 loaded strictly."""
+official vgg16_reducedfc.pth, ResNet-101 loaded strictly; `m2det convert-backbone`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torchvision.models import resnet50, resnet101, vgg16, vgg16_bn
+from typer.testing import CliRunner
 
+from m2det.cli.main import app
+from m2det.io.torchfile import load_state_dict_file
 from m2det.models.backbones import ResNet101, VGG16Reduced, load_backbone_state, load_backbone_weights
 
 
@@ -24,6 +27,13 @@ def fake_torchvision_state(factory, seed: int = 0) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def torchvision_vgg16():
     return fake_torchvision_state(vgg16, seed=1)
+
+
+@pytest.fixture(scope="module")
+def torchvision_vgg16_file(tmp_path_factory, torchvision_vgg16):
+    path = tmp_path_factory.mktemp("imagenet") / "vgg16.pth"
+    torch.save(torchvision_vgg16, path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +68,25 @@ def test_torchvision_vgg16_becomes_the_reduced_vgg16(torchvision_vgg16, vgg_back
         assert torch.equal(loaded[key], value), key
     for index in (0, 2, 5, 10, 17, 28):  # the conv stack is taken as it is
         assert torch.equal(loaded[f"features.{index}.weight"], torchvision_vgg16[f"features.{index}.weight"])
+
+
+def test_convert_backbone_writes_files_that_load(
+    tmp_path, torchvision_vgg16, torchvision_vgg16_file, vgg_backbone
+):
+    expected = expected_conv6_conv7(torchvision_vgg16)
+    for name in ("vgg16_reducedfc.safetensors", "vgg16_reducedfc.pth"):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["convert-backbone", str(torchvision_vgg16_file), str(out)])
+        assert result.exit_code == 0, result.output
+        assert "fc6 -> conv6" in result.output and f"wrote {out} (vgg16" in result.output
+        written = load_state_dict_file(out)
+        # the .pth is in the official vgg16_reducedfc.pth layout (`31.weight`), the .safetensors in ours
+        key = "31.weight" if out.suffix == ".pth" else "features.31.weight"
+        assert torch.equal(written[key], expected["features.31.weight"])
+        with torch.no_grad():
+            vgg_backbone.features[33].bias.zero_()
+        assert load_backbone_weights(vgg_backbone, out) == []  # already reduced: taken as it is
+        assert torch.equal(vgg_backbone.features[33].bias, expected["features.33.bias"])
 
 
 def test_vgg16_without_fc_or_with_batchnorm_is_refused(torchvision_vgg16, vgg_backbone):
