@@ -9,10 +9,14 @@ import torch
 import m2det
 from conftest import random_official_state_dict
 from m2det.data.names import COCO_CLASSES
+from m2det.engine.finetune import parameter_groups
+from m2det.engine.schedule import build_scheduler
+from m2det.engine.train import Trainer
+from m2det.engine.train_config import TrainConfig
 from m2det.io.checkpoint import save_model
 from m2det.io.torchfile import shared_state_groups
 from m2det.io.transfer import transfer_weights
-from train_helpers import tiny_model, weights
+from train_helpers import ToyBoxes, tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,3 +171,79 @@ def test_official_without_preset_needs_one():
     state = {"base.0.weight": torch.zeros(64, 3, 3, 3), "conf.0.weight": torch.zeros(6 * 81, 8, 3, 3)}
     with pytest.raises(ValueError, match="give the preset it was trained as"):
         m2det.build_model(weights=state, class_names=["a"])
+
+
+# ----- the trainer's fine-tuning controls -----
+def _config(**overrides) -> TrainConfig:
+    base = dict(
+        epochs=2,
+        batch_size=4,
+        lr=0.02,
+        warmup_epochs=0.5,
+        milestones=[],
+        workers=0,
+        eval_every=0,
+        log_every=1,
+    )
+    return TrainConfig(**{**base, **overrides}).validate()
+
+
+def test_lr_mults_make_parameter_groups_the_schedule_scales():
+    model = tiny_model()
+    groups = parameter_groups(model, {"backbone": 0.1, "head": 0.5, "head.conf": 2.0})
+    assert [g["lr_mult"] for g in groups] == [1.0, 2.0, 0.5, 0.1]
+    ids = {m: {id(p) for p in g["params"]} for m, g in zip([1.0, 2.0, 0.5, 0.1], groups)}
+    assert ids[0.1] == {id(p) for p in model.backbone.parameters()}
+    assert ids[2.0] == {id(p) for p in model.head.conf.parameters()}
+    assert ids[0.5] == {id(p) for p in model.head.loc.parameters()}
+    config = _config(lr_mults={"backbone": 0.1, "head": 0.5, "head.conf": 2.0})
+    optimizer = config.build_optimizer(groups)
+    scheduler = build_scheduler(optimizer, config.schedule(), steps_per_epoch=2)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    rates = [g["lr"] for g in optimizer.param_groups]
+    assert rates == pytest.approx([0.02 * m for m in (1.0, 2.0, 0.5, 0.1)])
+    with pytest.raises(ValueError, match="backbon"):
+        parameter_groups(model, {"backbon": 0.1})
+    with pytest.raises(ValueError, match="lr_mults"):
+        _config(lr_mults={"backbone": -1})
+    with pytest.raises(ValueError, match="freeze_backbone_epochs"):
+        _config(freeze_backbone_epochs=True)
+
+
+def test_backbone_frozen_for_the_first_epoch_and_resume_is_exact(tmp_path):
+    config = _config(freeze_backbone_epochs=1, lr_mults={"backbone": 0.5, "mlfpn": 0.1})
+    data = ToyBoxes(8, flip=True)
+    whole = tiny_model()
+    init = weights(whole)
+    Trainer(whole, config, data, run_dir=tmp_path / "whole", device="cpu", progress=False).fit()
+
+    first = tiny_model()
+    Trainer(first, config, data, run_dir=tmp_path / "split", device="cpu", progress=False).fit(
+        stop_at_epoch=1
+    )
+    after_one = weights(first)
+    backbone = [k for k in init if k.startswith("backbone.")]
+    assert all(torch.equal(after_one[k], init[k]) for k in backbone)  # weights and BN statistics
+    assert not torch.equal(after_one["mlfpn.ffm1.reduce.conv.weight"], init["mlfpn.ffm1.reduce.conv.weight"])
+    resumed = tiny_model(seed=9)
+    Trainer(resumed, config, data, run_dir=tmp_path / "split", device="cpu", progress=False).fit(resume=True)
+    final = weights(whole)
+    assert not torch.equal(final["backbone.stem.0.weight"], init["backbone.stem.0.weight"])  # released
+    assert all(torch.equal(final[k], v) for k, v in weights(resumed).items())
+
+
+@pytest.mark.parametrize("setting", [{"freeze_backbone_bn": True}, {"freeze_backbone_epochs": -1}])
+def test_frozen_backbone_statistics(tmp_path, setting):
+    model = tiny_model()
+    init = weights(model)
+    Trainer(
+        model, _config(epochs=1, **setting), ToyBoxes(8), run_dir=tmp_path, device="cpu", progress=False
+    ).fit()
+    after = weights(model)
+    stats = [k for k in init if k.startswith("backbone.") and "running_" in k]
+    assert stats and all(torch.equal(after[k], init[k]) for k in stats)
+    assert not torch.equal(after["mlfpn.norm.running_mean"], init["mlfpn.norm.running_mean"])
+    moved = not torch.equal(after["backbone.stem.0.weight"], init["backbone.stem.0.weight"])
+    assert moved == (setting.get("freeze_backbone_epochs", 0) != -1)
