@@ -3,17 +3,21 @@ the fine-tuning controls of the trainer (frozen backbone, frozen BatchNorm, lear
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import m2det
 from conftest import random_official_state_dict
+from m2det.cli.main import app
 from m2det.data.names import COCO_CLASSES
 from m2det.engine.finetune import parameter_groups
 from m2det.engine.schedule import build_scheduler
-from m2det.engine.train import Trainer
-from m2det.engine.train_config import TrainConfig
-from m2det.io.checkpoint import save_model
+from m2det.engine.train import LAST_MODEL, Trainer
+from m2det.engine.train_config import TrainConfig, get_train_config
+from m2det.io.checkpoint import load_weights, read_config, save_model
 from m2det.io.torchfile import shared_state_groups
 from m2det.io.transfer import transfer_weights
 from train_helpers import ToyBoxes, tiny_model, weights
@@ -247,3 +251,43 @@ def test_frozen_backbone_statistics(tmp_path, setting):
     assert not torch.equal(after["mlfpn.norm.running_mean"], init["mlfpn.norm.running_mean"])
     moved = not torch.equal(after["backbone.stem.0.weight"], init["backbone.stem.0.weight"])
     assert moved == (setting.get("freeze_backbone_epochs", 0) != -1)
+
+
+# ----- the command line -----
+def test_train_cli_starts_from_a_checkpoint(tmp_path, source):
+    from m2det.data.synthetic import ShapesConfig, generate_shapes_dataset
+    from m2det.engine.checkpoint_state import load_training_state
+
+    path, old = source
+    shapes = ShapesConfig(width=64, height=64, classes=("circle", "square"), size_range=(0.3, 0.6), clutter=0)
+    data = generate_shapes_dataset(tmp_path / "shapes", num_train=8, num_val=4, config=shapes)
+    args = ["train", "--data", str(data.train.annotations), "--val-data", str(data.val.annotations)]
+    args += ["--weights", str(path), "--device", "cpu", "--project", str(tmp_path / "runs"), "--quiet"]
+    settings = ["--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "train.workers=0"]
+    result = CliRunner().invoke(app, [*args, *settings, "--set", "train.freeze_backbone_epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert f"initialised from {path}:" in result.output
+    assert "re-initialised: the rows of 2 new classes in head.conf.0-2 (circle, square)" in result.output
+    run = tmp_path / "runs" / "exp1"
+    assert json.loads((run / "transfer.json").read_text())["new_classes"] == ["circle", "square"]
+    saved = read_config(run / LAST_MODEL)
+    assert (saved.num_classes, saved.class_names, saved.mlfpn.num_levels) == (3, ["circle", "square"], 2)
+    trained = load_training_state(run / "last_state.pt")["train_config"]
+    preset = get_train_config("finetune")
+    assert (trained["optimizer"], trained["lr_mults"], trained["freeze_backbone_bn"]) == (
+        preset.optimizer,
+        preset.lr_mults,
+        True,
+    )
+    model = tiny_model(num_classes=3)
+    load_weights(model, run / LAST_MODEL)
+    assert torch.equal(model.backbone.stem[0].weight, old["backbone.stem.0.weight"])  # frozen epoch
+
+    both = CliRunner().invoke(app, ["train", "--resume", str(run), "--weights", str(path)])
+    assert both.exit_code == 2 and "cannot be combined" in both.output
+    official = tmp_path / "official.pth"
+    torch.save(
+        {"base.0.weight": torch.zeros(64, 3, 3, 3), "conf.0.weight": torch.zeros(6 * 81, 8, 3, 3)}, official
+    )
+    bare = CliRunner().invoke(app, [*args[:5], "--weights", str(official), "--quiet"])
+    assert bare.exit_code == 2 and "--preset" in bare.output
