@@ -170,8 +170,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "step_lrs": [2e-3, 4e-4, 4e-5, 4e-6],
     },
     # Starting from a trained detector (`m2det train --weights`) on a small data set: a short cosine
-    # run with AdamW, the pretrained parts at a tenth of the rate of the class heads, the backbone's
-    # BatchNorm statistics kept (small batches estimate them badly). See docs/train.md.
+    # run with AdamW after a one-epoch warm-up, the backbone at a tenth of the rate, its BatchNorm
+    # statistics kept (small batches estimate them badly). See docs/train.md.
     "finetune": {
         "epochs": 30,
         "batch_size": 16,
@@ -185,7 +185,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "clip_grad": 10.0,
         "eval_every": 5,
         "freeze_backbone_bn": True,
-        "lr_mults": {"backbone": 0.1, "mlfpn": 0.1, "head.loc": 0.1},
+        "lr_mults": {"backbone": 0.1},
     },
 }
 
