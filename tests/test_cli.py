@@ -22,8 +22,26 @@ def test_help_lists_commands():
         assert command in result.output
 
 
-COMMANDS = ["models", "convert", "browse-data", "eval", "detect", "serve", "train", "demo", "bench", "export"]
-ARGUMENTS = {"convert": "SOURCE OUTPUT", "browse-data": "DATA", "detect": "SOURCE", "export": "OUTPUT"}
+COMMANDS = [
+    "models",
+    "convert",
+    "convert-backbone",
+    "browse-data",
+    "eval",
+    "detect",
+    "serve",
+    "train",
+    "demo",
+    "bench",
+    "export",
+]
+ARGUMENTS = {
+    "convert": "SOURCE OUTPUT",
+    "convert-backbone": "SOURCE OUTPUT",
+    "browse-data": "DATA",
+    "detect": "SOURCE",
+    "export": "OUTPUT",
+}
 
 
 def test_every_command_is_listed():

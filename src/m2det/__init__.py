@@ -29,6 +29,15 @@ def load_official(model: M2Det, path_or_state_dict, strict: bool = True):  # noq
     return _load(model, path_or_state_dict, strict=strict)
 
 
+def transfer_weights(model: M2Det, source, class_map=None):  # noqa: ANN001
+    """Initialise `model` from a trained detector (our .safetensors, an official .pth or a state dict),
+    for other classes too; returns what was loaded, mapped by class name and re-initialised. See
+    `m2det.io.transfer`."""
+    from m2det.io.transfer import transfer_weights as _transfer
+
+    return _transfer(model, source, class_map=class_map)
+
+
 __all__ = [
     "Detector",
     "M2Det",
@@ -38,5 +47,6 @@ __all__ = [
     "get_config",
     "list_presets",
     "load_official",
+    "transfer_weights",
     "__version__",
 ]

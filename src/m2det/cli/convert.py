@@ -1,4 +1,5 @@
-"""`m2det convert`: an official M2Det `.pth` to our safetensors + config file."""
+"""`m2det convert`: an official M2Det `.pth` to our safetensors + config file; `m2det convert-backbone`:
+ImageNet weights to the backbone M2Det trains from (SSD's reduced VGG16, ResNet-101)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from m2det.cli.common import parse_overrides, user_errors
 
 def register(app: typer.Typer) -> None:
     app.command("convert")(convert)
+    app.command("convert-backbone")(convert_backbone)
 
 
 @user_errors
@@ -46,3 +48,58 @@ def convert(
     typer.echo(
         f"wrote {output} ({preset}, {config.num_classes} classes, SFAM {'on' if config.mlfpn.sfam else 'off'})"
     )
+
+
+@user_errors
+def convert_backbone(
+    source: Path = typer.Argument(
+        ...,
+        help="ImageNet weights: torchvision's VGG16 or ResNet-101 state dict, or the official vgg16_reducedfc.pth.",
+    ),
+    output: Path = typer.Argument(
+        ...,
+        help="Where to write the backbone: .safetensors (our names) or .pth (VGG16: the official "
+        "vgg16_reducedfc.pth layout, keys 0.weight ... 33.bias).",
+    ),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="vgg16 or resnet101; read from the file's keys if omitted."
+    ),
+) -> None:
+    """Convert ImageNet weights to the backbone M2Det uses, checked by loading them strictly.
+
+    VGG16: fc6/fc7 become the dilated conv6 (3x3, 1024) and conv7 (1x1, 1024) of SSD's reduced VGG16
+    by subsampling (every 4th unit; fc6's 7x7 taken at 3x3); the 1000-class fc8 is dropped. The
+    result loads with `m2det train --backbone-weights`.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from m2det.io.torchfile import atomic_path, load_state_dict_file
+    from m2det.models.backbones import (
+        TinyBackbone,
+        backbone_class,
+        convert_backbone_state,
+        infer_backbone_name,
+        load_backbone_state,
+    )
+
+    if output.suffix not in (".safetensors", ".pth", ".pt"):
+        raise ValueError(f"{output}: write a .safetensors or a .pth file")
+    state = load_state_dict_file(source)
+    name = backbone or infer_backbone_name(state)
+    cls = backbone_class(name)
+    if cls is TinyBackbone:
+        raise ValueError("the tiny backbone has no ImageNet weights to convert")
+    converted, notes = convert_backbone_state(state, name)
+    load_backbone_state(cls(), converted, str(source))  # strict: raises with what does not fit
+    tensors = {k: v.contiguous() for k, v in converted.items()}
+    with atomic_path(output) as tmp:
+        if output.suffix == ".safetensors":
+            save_file(tensors, str(tmp), metadata={"format": "m2det-backbone", "backbone": name})
+        else:
+            if name == "vgg16":
+                tensors = {k.removeprefix("features."): v for k, v in tensors.items()}
+            torch.save(tensors, tmp)
+    for note in notes:
+        typer.echo(note)
+    typer.echo(f"wrote {output} ({name}, {len(tensors)} tensors)")

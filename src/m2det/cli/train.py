@@ -11,6 +11,7 @@ import typer
 from m2det.cli.common import parse_overrides, user_errors
 
 ARGS_FILE = "args.yaml"  # the data arguments of a run, so that `--resume` needs nothing else
+TRANSFER_FILE = "transfer.json"  # what --weights loaded, mapped and re-initialised
 
 
 def register(app: typer.Typer) -> None:
@@ -28,7 +29,13 @@ def train(
     config: Optional[Path] = typer.Option(
         None, "--config", help="YAML with a model: section (or preset:) and/or a train: section."
     ),
-    model: str = typer.Option("m2det320_vgg16", "--model", help="Model preset when --config has no model."),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "--preset",
+        help="Model preset when --config has no model (default m2det320_vgg16, or the --weights file's "
+        "own); with an official .pth in --weights, the preset it was trained as.",
+    ),
     overrides: list[str] = typer.Option(
         [],
         "--set",
@@ -36,6 +43,12 @@ def train(
     ),
     backbone_weights: Optional[Path] = typer.Option(
         None, "--backbone-weights", help="Local ImageNet weights for the backbone (.pth / .safetensors)."
+    ),
+    weights: Optional[Path] = typer.Option(
+        None,
+        "--weights",
+        help="Start from a trained detector: our .safetensors or an official .pth (with --preset); "
+        "any classes (the class rows are mapped by name). See docs/train.md.",
     ),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue a run exactly: its folder (or a file in it)."
@@ -67,6 +80,11 @@ def train(
     model_overrides, train_overrides = split_overrides(parse_overrides(overrides))
     info, _ = distributed.setup(device)
     try:
+        if resume is not None and weights is not None:
+            raise ValueError(
+                "--resume continues a run exactly, from its own weights; --weights starts a new run from "
+                "a trained detector: they cannot be combined"
+            )
         if resume is not None:
             if overrides or config is not None or backbone_weights is not None:
                 raise ValueError(
@@ -100,7 +118,20 @@ def train(
             }
             if info.is_main and not val_data and Path(data).suffix.lower() == ".json":
                 typer.echo("note: no --val-data: validating on the training json itself", err=True)
-            model_config, train_config = load_configs(config, model, model_overrides, train_overrides)
+            checkpoint = None
+            if weights is not None:
+                from m2det.io.transfer import read_checkpoint
+
+                if backbone_weights is not None:
+                    raise ValueError(
+                        "--weights holds the backbone already; --backbone-weights is for starting from "
+                        "ImageNet weights"
+                    )
+                checkpoint = read_checkpoint(weights, preset=model)
+                data_args["weights"] = str(weights.resolve())
+            model_config, train_config = load_configs(
+                config, model, model_overrides, train_overrides, checkpoint
+            )
             if backbone_weights is not None:
                 if not backbone_weights.is_file():
                     raise FileNotFoundError(f"--backbone-weights: file not found: {backbone_weights}")
@@ -109,12 +140,23 @@ def train(
         model_config = _with_classes(model_config, train_set)
         seed_everything(train_config.seed)  # the initial weights repeat under the seed
         net = build_model(model_config)
+        report = None
+        if resume is None and checkpoint is not None:
+            from m2det.io.transfer import transfer_weights
+
+            report = transfer_weights(net, checkpoint)
+            if info.is_main:
+                typer.echo("\n".join(report.lines()))
         if resume is None:
             # made only now that the data and the model are built, so that a bad start leaves no folder
             run_dir = distributed.broadcast_object(next_run_dir(project, name) if info.is_main else None)
             if info.is_main:
                 with atomic_path(run_dir / ARGS_FILE) as tmp:
                     tmp.write_text(yaml.safe_dump(data_args, sort_keys=False))
+                if report is not None:
+                    from m2det.io.jsonfile import write_json
+
+                    write_json(run_dir / TRANSFER_FILE, report.to_dict(), indent=1)
         try:
             trainer = Trainer(
                 net, train_config, train_set, val_set, run_dir=run_dir, device=device, progress=not quiet
@@ -144,9 +186,11 @@ def train(
 
 
 def _remove_if_unused(run_dir: Path) -> None:
-    """Delete a new run's folder if the run failed before writing anything but its args.yaml."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {ARGS_FILE}:
-        (run_dir / ARGS_FILE).unlink(missing_ok=True)
+    """Delete a new run's folder if the run failed before writing anything but its start files."""
+    start_files = {ARGS_FILE, TRANSFER_FILE}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= start_files:
+        for name in start_files:
+            (run_dir / name).unlink(missing_ok=True)
         run_dir.rmdir()
 
 
@@ -171,20 +215,39 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 def load_configs(
-    path: Optional[Path], preset: str, model_overrides: dict[str, Any], train_overrides: dict[str, Any]
+    path: Optional[Path],
+    preset: Optional[str],
+    model_overrides: dict[str, Any],
+    train_overrides: dict[str, Any],
+    checkpoint: Any = None,
 ) -> tuple[Any, Any]:
-    """(ModelConfig, TrainConfig) from an optional YAML file, a fallback preset and overrides."""
+    """(ModelConfig, TrainConfig) from an optional YAML file, a fallback preset and overrides.
+
+    Starting from a trained detector (`checkpoint`, see `m2det.io.transfer`), the model is the
+    checkpoint's own unless the file or `preset` names one (for an official checkpoint `preset` is
+    what it was trained as), and the training settings start from the `finetune` preset unless the
+    file has a `train:` section.
+    """
     from m2det.config import ModelConfig, get_config, read_yaml_mapping, with_overrides
     from m2det.engine.train_config import TrainConfig, get_train_config, with_train_overrides
 
-    if path is None:
-        return get_config(preset, **model_overrides), get_train_config("paper", **train_overrides)
-    data = read_yaml_mapping(path)
+    data = read_yaml_mapping(path) if path is not None else {}
     has_model = bool(data) and ("model" in data or "train" not in data)
-    model_config = ModelConfig.from_mapping(data, path) if has_model else get_config(preset)
+    base = ModelConfig.from_mapping(data, path) if has_model else None
     try:
-        model_config = with_overrides(model_config, **model_overrides)
-        train_config = with_train_overrides(TrainConfig.from_mapping(data, path), **train_overrides)
+        if checkpoint is not None:
+            from m2det.io.transfer import finetune_config
+
+            if base is None and preset is not None and not checkpoint.official:
+                base = get_config(preset)
+            model_config = finetune_config(checkpoint, base, **model_overrides)
+        else:
+            model_config = with_overrides(base or get_config(preset or "m2det320_vgg16"), **model_overrides)
+        if data.get("train"):
+            train_config = TrainConfig.from_mapping(data, path)
+        else:
+            train_config = get_train_config("finetune" if checkpoint is not None else "paper")
+        train_config = with_train_overrides(train_config, **train_overrides)
     except (TypeError, KeyError) as exc:
         raise ValueError(f"--set: {exc}") from None
     return model_config, train_config

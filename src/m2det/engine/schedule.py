@@ -70,7 +70,7 @@ class LRSchedule:
 
 
 def build_scheduler(optimizer: Optimizer, schedule: LRSchedule, steps_per_epoch: int) -> LambdaLR:
-    """A per-iteration scheduler for `optimizer`, whose groups must start at `schedule.lr`.
+    """A per-iteration scheduler for `optimizer`; each group runs at `schedule` times its `lr_mult` (1 if unset).
 
     Its state dict holds plain numbers only (the rate is recomputed from `last_epoch`, the
     iteration count), so it round-trips through a `weights_only` checkpoint.
@@ -78,7 +78,7 @@ def build_scheduler(optimizer: Optimizer, schedule: LRSchedule, steps_per_epoch:
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     for group in optimizer.param_groups:
-        group["lr"] = schedule.lr
+        group["lr"] = schedule.lr * group.get("lr_mult", 1.0)
 
     def factor(step: int) -> float:
         return schedule.lr_at(step / steps_per_epoch) / schedule.lr

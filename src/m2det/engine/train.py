@@ -37,6 +37,7 @@ from m2det.engine.checkpoint_state import (
     restore_rng_state,
     save_checkpoint,
 )
+from m2det.engine.finetune import parameter_groups, prepare_epoch
 from m2det.engine.schedule import build_scheduler
 from m2det.engine.train_config import TrainConfig
 from m2det.io.checkpoint import load_weights, save_model
@@ -112,15 +113,6 @@ def resolve_resume(path: PathLike) -> Path:
             f"when its first epoch ends)"
         )
     return run_dir
-
-
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """Training mode, with BatchNorm layers kept in eval mode (running statistics) when `freeze_bn`."""
-    model.train()
-    if freeze_bn:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
 
 
 class Trainer:
@@ -236,14 +228,10 @@ class _Run:
             if self.device.type != "cuda":
                 raise ValueError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.network: nn.Module = self.model
-        if info.is_distributed:
-            self.network = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        self._wrap()
         self.loader = self._loader()
         self.steps_per_epoch = len(self.loader)
-        self.optimizer = config.build_optimizer(self.model.parameters())
+        self.optimizer = config.build_optimizer(parameter_groups(self.model, config.lr_mults))
         self.scheduler = build_scheduler(self.optimizer, config.schedule(), self.steps_per_epoch)
         self.use_amp = config.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
@@ -262,6 +250,15 @@ class _Run:
         if len(rng) != info.world_size and info.is_main:
             self._print(f"the run had {len(rng)} processes, now {info.world_size}: data order will differ")
         restore_rng_state(rng[info.rank % len(rng)])
+
+    def _wrap(self) -> None:
+        """The network the steps run: the model, or its DDP wrapper (rebuilt when the parameters that
+        take gradients change, e.g. when a frozen backbone is released)."""
+        self.network: nn.Module = self.model
+        if self.info.is_distributed:
+            self.network = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     def _loader(self) -> DataLoader:
         from m2det.data import collate_fn
@@ -365,7 +362,8 @@ class _Run:
     def _epoch(self) -> tuple[dict[str, float], int]:
         """One pass over the training data; returns the mean loss terms and the images seen (all processes)."""
         config = self.config
-        set_train_mode(self.model, config.freeze_bn)
+        if prepare_epoch(self.model, config, self.epoch) and self.info.is_distributed:
+            self._wrap()
         self.sampler.set_epoch(self.epoch)
         self.generator.manual_seed(config.seed * 1_000_003 + self.epoch * 1_009 + self.info.rank)
         totals = torch.zeros(3, dtype=torch.float64)

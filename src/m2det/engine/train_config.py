@@ -6,6 +6,7 @@ The same YAML file can hold the model (`model:`, see `m2det.config`) and the tra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,13 @@ class TrainConfig:
     seed: int = 0
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
     freeze_bn: bool = False  # keep BatchNorm in eval mode: running statistics, no batch statistics
+    # Fine-tuning (see docs/train.md): the backbone frozen (no gradient, BatchNorm in eval mode) for
+    # the first N epochs, -1 for the whole run; only the backbone's BatchNorm statistics frozen; and
+    # learning-rate multipliers by parameter-name prefix (the longest matching prefix wins), e.g.
+    # {backbone: 0.1}. All three are part of the run's settings, so `--resume` repeats them.
+    freeze_backbone_epochs: int = 0
+    freeze_backbone_bn: bool = False
+    lr_mults: dict[str, float] = field(default_factory=dict)
     loss_limit: float = 1e4  # a loss above this (or NaN/inf) stops the run
     log_every: int = 10  # TensorBoard scalars every N steps
 
@@ -64,6 +72,19 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if isinstance(self.freeze_backbone_epochs, bool) or self.freeze_backbone_epochs < -1:
+            raise ValueError(
+                "train.freeze_backbone_epochs must be a number of epochs (0: never, -1: the whole run), "
+                f"got {self.freeze_backbone_epochs!r}"
+            )
+        if not isinstance(self.lr_mults, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for k, v in self.lr_mults.items()
+        ):
+            raise ValueError(
+                "train.lr_mults must map parameter-name prefixes to multipliers >= 0, e.g. "
+                f"{{backbone: 0.1}}, got {self.lr_mults!r}"
+            )
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad}")
         from m2det.engine.evaluate import STAT_NAMES, VOC_NAMES
@@ -148,6 +169,24 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "milestones": [90, 110, 130, 150],
         "step_lrs": [2e-3, 4e-4, 4e-5, 4e-6],
     },
+    # Starting from a trained detector (`m2det train --weights`) on a small data set: a short cosine
+    # run with AdamW after a one-epoch warm-up, the backbone at a tenth of the rate, its BatchNorm
+    # statistics kept (small batches estimate them badly). See docs/train.md.
+    "finetune": {
+        "epochs": 30,
+        "batch_size": 16,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.05,
+        "warmup_epochs": 1.0,
+        "warmup_start_lr": 1e-5,
+        "policy": "cosine",
+        "milestones": [],
+        "clip_grad": 10.0,
+        "eval_every": 5,
+        "freeze_backbone_bn": True,
+        "lr_mults": {"backbone": 0.1},
+    },
 }
 
 
@@ -155,7 +194,8 @@ def get_train_config(name: str = "paper", **overrides: Any) -> TrainConfig:
     """A training preset with field overrides, validated."""
     if name not in TRAIN_PRESETS:
         raise ValueError(f"unknown training preset {name!r}; available: {', '.join(TRAIN_PRESETS)}")
-    return dataclass_from_dict(TrainConfig, {**TRAIN_PRESETS[name], **overrides}, "train").validate()
+    preset = copy.deepcopy(TRAIN_PRESETS[name])  # the instance must not share the preset's lists
+    return dataclass_from_dict(TrainConfig, {**preset, **overrides}, "train").validate()
 
 
 def with_train_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:

@@ -9,11 +9,13 @@ laid out for an input size without running the network.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Callable, Union
 
 from torch import Tensor, nn
-from torchvision.models import resnet101, vgg16
+from torchvision.models import resnet101
+from torchvision.models.vgg import cfgs, make_layers
 
 from m2det.config import BackboneConfig
 from m2det.io.torchfile import load_state_dict_file
@@ -40,7 +42,13 @@ class VGG16Reduced(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layers = list(vgg16(weights=None).features.children())[:30]  # up to relu5_3
+        # torchvision's VGG16 conv stack (config "D") up to relu5_3, initialised as torchvision's VGG
+        # does; building only the stack skips the 120 M-parameter classifier, which took seconds
+        layers = list(make_layers(cfgs["D"]).children())[:30]
+        for layer in layers:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
         layers[16] = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         layers += [
             nn.MaxPool2d(kernel_size=3, stride=1, padding=1),
@@ -142,38 +150,143 @@ def feature_sizes_fn(name: str) -> Callable[[int], tuple[int, int]]:
     return backbone_class(name).feature_sizes  # type: ignore[attr-defined]
 
 
-def _vgg_key(key: str) -> str:
-    # official vgg16_reducedfc.pth: "N.weight"; torchvision vgg16: "features.N.weight"
-    return "features." + key.removeprefix("features.")
+# SSD's "reduced" fc6/fc7 (Liu et al. 2016, after ParseNet): every 4th of the 4096 output units, and
+# fc6's 7x7 receptive field (it reads pool5 as 512x7x7) sampled at rows/columns 0, 3, 6 for the
+# dilated 3x3 conv6. Indices of conv6 / conv7 in `VGG16Reduced.features` (and the official file).
+VGG_FC_STEP = 4
+VGG_FC6_TAPS = 3
+CONV6, CONV7 = 31, 33
+
+
+def reduce_vgg_fc(
+    fc6_weight: Tensor, fc6_bias: Tensor, fc7_weight: Tensor, fc7_bias: Tensor
+) -> dict[str, Tensor]:
+    """torchvision VGG16's fc6 [4096, 25088] and fc7 [4096, 4096] -> conv6 [1024, 512, 3, 3], conv7 [1024, 1024, 1, 1]."""
+    if tuple(fc6_weight.shape) != (4096, 512 * 7 * 7) or tuple(fc7_weight.shape) != (4096, 4096):
+        raise ValueError(
+            f"fc6/fc7 of VGG16 must be [4096, 25088] and [4096, 4096], got {list(fc6_weight.shape)} "
+            f"and {list(fc7_weight.shape)}"
+        )
+    step, taps = VGG_FC_STEP, VGG_FC6_TAPS
+    conv6 = fc6_weight.reshape(4096, 512, 7, 7)[::step, :, ::taps, ::taps]
+    conv7 = fc7_weight[::step, ::step].reshape(4096 // step, 4096 // step, 1, 1)
+    return {
+        f"features.{CONV6}.weight": conv6.contiguous().clone(),
+        f"features.{CONV6}.bias": fc6_bias[::step].contiguous().clone(),
+        f"features.{CONV7}.weight": conv7.contiguous().clone(),
+        f"features.{CONV7}.bias": fc7_bias[::step].contiguous().clone(),
+    }
+
+
+def infer_backbone_name(state: dict[str, Tensor]) -> str:
+    """Which backbone an ImageNet (or converted) state dict is for: vgg16, resnet101 or tiny."""
+    keys = set(state)
+    if any(k.startswith("layer1.") for k in keys):
+        return "resnet101"
+    if any(k.startswith("stem.") for k in keys):
+        return "tiny"
+    if any(re.match(r"^(features\.)?\d+\.weight$", k) for k in keys):
+        return "vgg16"
+    raise ValueError(
+        "not the state dict of a backbone m2det knows: expected torchvision's VGG16 or ResNet-101 "
+        f"(or the official vgg16_reducedfc.pth); first keys {sorted(keys)[:5]}"
+    )
+
+
+def convert_backbone_state(state: dict[str, Tensor], name: str) -> tuple[dict[str, Tensor], list[str]]:
+    """An ImageNet state dict in our backbone's names, and notes on what was converted or dropped.
+
+    * vgg16: torchvision's (`features.N`, `classifier.{0,3,6}`): fc6/fc7 become the reduced conv6 /
+      conv7 (`reduce_vgg_fc`), the 1000-class fc8 is dropped; the official `vgg16_reducedfc.pth`
+      (`N.weight`, conv6/conv7 at 31/33) and our converted files are taken as they are.
+    * resnet101: torchvision's, without its 1000-class `fc`.
+    """
+    notes: list[str] = []
+    if name == "vgg16":
+        if any(k.endswith("running_mean") for k in state):
+            raise ValueError(
+                "this VGG16 has BatchNorm layers (torchvision's vgg16_bn?); M2Det's VGG16 (SSD's reduced "
+                "VGG16) has none: use torchvision's plain VGG16 weights or vgg16_reducedfc.pth"
+            )
+        fc = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias")
+        out = {
+            "features." + k.removeprefix("features."): v
+            for k, v in state.items()
+            if not k.startswith("classifier.")
+        }
+        if all(k in state for k in fc):
+            if any(k in out for k in (f"features.{CONV6}.weight", f"features.{CONV7}.weight")):
+                raise ValueError(
+                    "the file holds both fc6/fc7 (classifier.*) and conv6/conv7: which to use is unclear"
+                )
+            out.update(reduce_vgg_fc(*(state[k] for k in fc)))
+            notes.append(
+                "fc6 -> conv6 [1024, 512, 3, 3] and fc7 -> conv7 [1024, 1024, 1, 1] (SSD's reduced VGG16: "
+                "every 4th unit, fc6's 7x7 sampled 3x3)"
+            )
+        dropped = sorted(k for k in state if k.startswith("classifier.") and k not in fc)
+        if dropped:
+            notes.append(f"dropped the ImageNet classifier {', '.join(dropped)}")
+        return out, notes
+    if name == "resnet101":
+        dropped = sorted(k for k in state if k.startswith("fc."))
+        if dropped:
+            notes.append(f"dropped the ImageNet classifier {', '.join(dropped)}")
+        return {k: v for k, v in state.items() if not k.startswith("fc.")}, notes
+    return dict(state), notes
+
+
+def _listed(keys: list[str], limit: int = 12) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def load_backbone_weights(backbone: nn.Module, path: Union[str, Path]) -> list[str]:
-    """Load ImageNet weights from a local file into the backbone; returns the keys left at init.
+    """Load ImageNet weights from a local file into the backbone, strictly; returns notes on the conversion.
 
-    Accepts the official `vgg16_reducedfc.pth` or torchvision's VGG16 / ResNet-101 state dicts
-    (classifier/fc entries are ignored). Raises if nothing matches or a shape disagrees.
+    Accepts torchvision's VGG16 (fc6/fc7 converted to conv6/conv7, see `convert_backbone_state`)
+    and ResNet-101 state dicts, the official `vgg16_reducedfc.pth`, and files written by
+    `m2det convert-backbone`. Every tensor of the backbone must come from the file and every
+    tensor of the file must have a place (the ImageNet classifier aside): otherwise a ValueError
+    lists what was left at init, what had no place and what differs in shape.
     """
-    state = load_state_dict_file(path)
-    if isinstance(backbone, VGG16Reduced):
-        state = {_vgg_key(k): v for k, v in state.items() if not k.startswith("classifier.")}
-    else:
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return load_backbone_state(backbone, load_state_dict_file(path), str(path))
+
+
+def load_backbone_state(
+    backbone: nn.Module, state: dict[str, Tensor], where: str = "state dict"
+) -> list[str]:
+    """`load_backbone_weights` for a state dict already in memory; `where` names it in errors."""
+    name = next((k for k, cls in BACKBONES.items() if isinstance(backbone, cls)), None)
+    if name is None:
+        raise TypeError(f"not an m2det backbone: {type(backbone).__name__}")
+    state, notes = convert_backbone_state(state, name)
     own = backbone.state_dict()
+    missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
     mismatched = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
         for k in state
         if k in own and state[k].shape != own[k].shape
     )
-    if unexpected or mismatched or not state:
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} tensors of the backbone are not in the file: {_listed(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensors of the file have no place: {_listed(unexpected)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shapes differ: {_listed(mismatched)}")
+        hint = {
+            "vgg16": "torchvision's VGG16 (not VGG16-BN) with its classifier, or vgg16_reducedfc.pth",
+            "resnet101": "torchvision's ResNet-101 (not ResNet-50 or -152)",
+            "tiny": "a file written from this tiny backbone",
+        }[name]
         raise ValueError(
-            f"{path}: backbone weights do not fit {type(backbone).__name__}: "
-            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}; "
-            f"shape mismatches {mismatched[:10]}"
+            f"{where}: backbone weights do not fit {type(backbone).__name__} (expected {hint}); "
+            + "; ".join(problems)
         )
-    missing = sorted(k for k in own if k not in state)
-    backbone.load_state_dict(state, strict=False)
-    return missing
+    backbone.load_state_dict(state, strict=True)
+    return notes
 
 
 __all__ = [
@@ -184,4 +297,8 @@ __all__ = [
     "backbone_class",
     "feature_sizes_fn",
     "load_backbone_weights",
+    "load_backbone_state",
+    "convert_backbone_state",
+    "infer_backbone_name",
+    "reduce_vgg_fc",
 ]

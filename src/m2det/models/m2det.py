@@ -56,6 +56,7 @@ class M2Det(nn.Module):
         )
         self.loss_fn: Any = None  # built on first use, see `compute_loss`
         self.postprocessor: Any = None  # built on first use, see `postprocess`
+        self.transfer_report: Any = None  # set by `build_model(weights=...)`
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -169,8 +170,28 @@ def normalize_targets(
     return out
 
 
-def build_model(name: Union[str, ModelConfig] = "m2det320_vgg16", **overrides: Any) -> M2Det:
-    """Build an M2Det from a preset name (or a config) with overrides, e.g. ``num_classes=21``."""
+def build_model(
+    name: Union[str, ModelConfig, None] = None, *, weights: Any = None, **overrides: Any
+) -> M2Det:
+    """Build an M2Det from a preset name (or a config) with overrides, e.g. ``num_classes=21``.
+
+    With `weights` (our `.safetensors`, an official `.pth` or a state dict) the model starts from
+    that trained detector, for other classes too (``class_names=[...]``; the class count follows):
+    every tensor that fits is loaded and the class rows are mapped by name (see
+    `m2det.io.transfer`). The architecture is then the checkpoint's own unless `name` gives one;
+    for an official checkpoint, which holds no configuration, `name` is the preset it was trained
+    as. What was loaded is in `model.transfer_report`. Without `name` or `weights`: m2det320_vgg16.
+    """
+    if weights is not None:
+        from m2det.io.transfer import finetune_config, read_checkpoint, transfer_weights
+
+        checkpoint = read_checkpoint(weights, preset=name if isinstance(name, str) else None)
+        base = name if isinstance(name, ModelConfig) else None
+        if isinstance(name, str) and not checkpoint.official:
+            base = get_config(name)
+        model = M2Det(finetune_config(checkpoint, base, **overrides))
+        model.transfer_report = transfer_weights(model, checkpoint)
+        return model
     if isinstance(name, ModelConfig):
         return M2Det(with_overrides(name, **overrides))
-    return M2Det(get_config(name, **overrides))
+    return M2Det(get_config(name or "m2det320_vgg16", **overrides))
