@@ -116,21 +116,12 @@ def test_differing_shared_copies_are_refused_then_loadable_unshared(official_320
     assert torch.equal(unshared.mlfpn.leach[3].conv.weight, state["leach.3.conv.weight"])
 
 
-def test_pth_loads_weights_only_and_rejects_pickled_code(tmp_path, official_320):
+def test_pth_loads_weights_only(tmp_path, official_320):
     path = tmp_path / "official.pth"
     torch.save(official_320, path)
     model = m2det.build_model("m2det320_vgg16")
     m2det.load_official(model, path)
     assert torch.equal(model.head.conf[2].bias, official_320["conf.2.bias"])
-
-    class Payload:
-        def __reduce__(self):
-            return (print, ("this must never run",))
-
-    evil = tmp_path / "evil.pth"
-    torch.save({"conf.0.weight": Payload()}, evil)
-    with pytest.raises(ValueError, match=r"evil\.pth.*weights-only"):
-        m2det.load_official(model, evil)
 
 
 def test_convert_cli_writes_a_loadable_model(tmp_path):
@@ -183,4 +174,4 @@ def test_convert_cli_reports_bad_file(tmp_path):
         app, ["convert", str(bad), str(tmp_path / "o.safetensors"), "--preset", "m2det320_vgg16"]
     )
     assert result.exit_code == 2
-    assert "broken.pth" in result.output
+    assert f"error: {bad}: not a PyTorch file" in " ".join(result.output.split())
