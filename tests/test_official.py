@@ -120,13 +120,42 @@ def test_512_layout_loads_strictly():
     model = m2det.build_model("m2det512_vgg16")
     state = random_official_state_dict("vgg16", seed=2)
     report = m2det.load_official(model, state)
-    assert report.missing == [] and report.unexpected == []
+    assert report.missing == [] and report.unexpected == [] and report.ignored == []
     assert torch.equal(model.mlfpn.tums[7].smooth[4].conv.weight, state["unet8.smooth.4.conv.weight"])
 
 
 @pytest.fixture(scope="module")
 def official_resnet():
     return random_official_state_dict("resnet101", seed=4)
+
+
+def test_resnet101_layout_loads_strictly_without_its_classifier(official_resnet):
+    assert len(official_resnet) == 1483 and "base.fc.weight" in official_resnet
+    model = m2det.build_model("m2det320_resnet101")
+    report = m2det.load_official(model, official_resnet)
+    assert report.missing == [] and report.unexpected == []
+    assert report.ignored == ["base.fc.bias", "base.fc.weight"]
+    own = model.state_dict()
+    for key, value in official_resnet.items():
+        if key not in report.ignored:
+            assert torch.equal(own[official_key(key, "resnet101")], value), key
+
+
+def test_only_the_resnet_classifier_is_ignored(official_resnet, official_320):
+    resnet = meta_model("m2det320_resnet101")
+    for stray in ("base.fc2.weight", "fc.weight", "base.layer4.2.fc.weight", "extra.bias"):
+        with pytest.raises(
+            ValueError, match=rf"not in the official layout of this model: {re.escape(stray)}"
+        ):
+            m2det.load_official(resnet, {**official_resnet, stray: torch.zeros(1)})
+    # VGG16 has no classifier in the authors' layout: the same keys are strays there
+    with pytest.raises(
+        ValueError, match=r"not in the official layout of this model: base\.fc\.bias, base\.fc\.weight"
+    ):
+        m2det.load_official(
+            meta_model("m2det320_vgg16"),
+            {**official_320, **{k: official_resnet[k] for k in ("base.fc.weight", "base.fc.bias")}},
+        )
 
 
 def test_another_backbone_names_the_presets_that_fit(official_resnet, official_320):
@@ -198,6 +227,13 @@ def test_build_official_model_names_what_is_wrong(tmp_path):
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         build_official_model(backbone_only, "m2det320_vgg16")
+
+
+def test_build_official_model_loads_a_resnet101_checkpoint(official_resnet):
+    # what `m2det convert` and `--weights X.pth --preset ...` run
+    model = build_official_model(official_resnet, "m2det320_resnet101")
+    assert model.config.num_classes == 81 and model.config.class_names[0] == "person"
+    assert torch.equal(model.backbone.conv1.weight, official_resnet["base.conv1.weight"])
 
 
 def test_convert_cli_writes_a_loadable_model(tmp_path):

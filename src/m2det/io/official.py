@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Union
@@ -21,6 +21,10 @@ from m2det.io.torchfile import as_state_dict, load_state_dict_file, shared_state
 
 # Backbones of the authors' released configurations; their layouts are `official_layouts/<name>.tsv`.
 OFFICIAL_BACKBONES = ("vgg16", "resnet101")
+
+# Keys of the authors' layout that detection never uses: their ResNet-101 keeps torchvision's ImageNet
+# classifier, so their state dict holds it. Loading drops exactly these; any other stray key is an error.
+_UNUSED_KEYS: dict[str, frozenset[str]] = {"resnet101": frozenset({"base.fc.weight", "base.fc.bias"})}
 
 # (the authors' prefix, ours) for everything but the TUMs, whose index also shifts by one
 _PREFIXES: list[tuple[str, str]] = [
@@ -103,11 +107,12 @@ def official_backbone_of(state: dict[str, Tensor]) -> Union[str, None]:
 
 @dataclass
 class LoadReport:
-    """What `load_official` did, in the official key names: keys the file lacked and keys that had
-    no place in the model (both empty when strict)."""
+    """What `load_official` did, in the official key names: keys the file lacked, keys that had no
+    place in the model (both empty when strict) and the unused keys it dropped (`_UNUSED_KEYS`)."""
 
     missing: list[str]
     unexpected: list[str]
+    ignored: list[str] = field(default_factory=list)
 
 
 def _describe(keys: list[str], limit: int = 20) -> str:
@@ -120,11 +125,14 @@ def convert_official_state_dict(
 ) -> tuple[dict[str, Tensor], LoadReport, list[str]]:
     """Rename an official state dict for `model`; also return shape mismatches as messages."""
     backbone = model.config.backbone.name
+    unused = _UNUSED_KEYS.get(backbone, frozenset())
     own = model.state_dict()
     renamed: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for key, value in state.items():
         ours = official_key(key, backbone)
+        if key in unused:
+            continue
         if ours is None or ours not in own:
             unexpected.append(key)
         else:
@@ -138,6 +146,7 @@ def convert_official_state_dict(
     report = LoadReport(
         missing=sorted(theirs[k] for k in own if k not in renamed),
         unexpected=sorted(unexpected),
+        ignored=sorted(k for k in state if k in unused),
     )
     return renamed, report, mismatched
 
@@ -193,7 +202,9 @@ def load_official(
     """Load an official M2Det checkpoint (a `.pth` path, read with weights_only=True, or a state dict).
 
     With `strict`, any missing or unexpected key raises a ValueError that lists them (in the
-    official names); a shape mismatch always raises. Returns what was missing/unexpected.
+    official names); a shape mismatch always raises. The backbone keys the authors' layout holds but
+    detection never uses (ResNet-101's `base.fc.*`) are dropped. Returns what was missing, unexpected
+    and dropped.
     """
     state, where = _read_state(source, where)
     renamed, report, mismatched = convert_official_state_dict(state, model)
