@@ -1,5 +1,4 @@
-"""Shared fixtures: random checkpoints in the official layout (package data) and the real data shipped
-beside the repository."""
+"""Shared fixtures: random checkpoints in the official layout (package data), the BCCD subset in tests/data."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import torch
 
 from m2det.io.official import official_layout
 
-BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
+BCCD = Path(__file__).resolve().parent / "data" / "bccd"
 
 
 def random_official_state_dict(
@@ -36,8 +35,7 @@ def random_official_state_dict(
 
 @pytest.fixture(scope="session")
 def bccd_root() -> Path:
-    if not BCCD.is_dir():
-        pytest.skip(f"shared BCCD data not found at {BCCD}")
+    """11 BCCD images in VOC layout (train 4, val 4, test 3) with the data set's two degenerate boxes."""
     return BCCD
 
 
