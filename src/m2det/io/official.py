@@ -75,6 +75,7 @@ def authors_key(key: str, backbone: str) -> Union[str, None]:
 
 @functools.cache
 def _read_layout(backbone: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The package's `key<TAB>shape` file (`scalar` for num_batches_tracked), read once."""
     text = (resources.files(__package__) / "official_layouts" / f"{backbone}.tsv").read_text()
     rows = []
     for line in text.splitlines():
@@ -91,7 +92,7 @@ def official_layout(backbone: str) -> dict[str, tuple[int, ...]]:
     """
     if backbone not in OFFICIAL_BACKBONES:
         raise ValueError(
-            f"no official layout for backbone {backbone!r}; the authors released {', '.join(OFFICIAL_BACKBONES)}"
+            f"no official layout for backbone {backbone!r}; the authors' layouts are for {', '.join(OFFICIAL_BACKBONES)}"
         )
     return dict(_read_layout(backbone))
 
@@ -130,13 +131,13 @@ def convert_official_state_dict(
     renamed: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for key, value in state.items():
-        ours = official_key(key, backbone)
         if key in unused:
             continue
-        if ours is None or ours not in own:
-            unexpected.append(key)
-        else:
+        ours = official_key(key, backbone)
+        if ours in own:
             renamed[ours] = value
+        else:
+            unexpected.append(key)
     theirs = {key: authors_key(key, backbone) or key for key in own}
     mismatched = [
         f"{theirs[key]}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
