@@ -1,4 +1,4 @@
-"""Shared fixtures: the official key layout and the real data shipped beside the repository."""
+"""Shared fixtures: random checkpoints in the official layout (package data), the BCCD subset in tests/data."""
 
 from __future__ import annotations
 
@@ -7,27 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFERENCE = SHARED / "reference"
-BCCD = SHARED / "data" / "bccd"
+from m2det.io.official import official_layout
 
-
-def official_layout(size: int = 320) -> list[tuple[str, tuple[int, ...]]]:
-    """(key, shape) pairs of the official checkpoint from the shared reference TSV."""
-    rows = []
-    for line in (REFERENCE / f"official_m2det{size}_vgg_keys.tsv").read_text().splitlines():
-        key, shape = line.split("\t")
-        rows.append((key, () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))))
-    return rows
+BCCD = Path(__file__).resolve().parent / "data" / "bccd"
 
 
 def random_official_state_dict(
-    size: int = 320, seed: int = 0, num_classes: int = 81
+    backbone: str = "vgg16", seed: int = 0, num_classes: int = 81
 ) -> dict[str, torch.Tensor]:
-    """Random values in the official layout; the shared `leach` copies hold one value as in real files."""
+    """Random values in the authors' layout; the shared `leach` copies hold one value as in real files."""
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
-    for key, shape in official_layout(size):
+    for key, shape in official_layout(backbone).items():
         if key.startswith("conf."):
             shape = ((shape[0] // 81) * num_classes, *shape[1:])
         if key.startswith("leach.") and not key.startswith("leach.0."):
@@ -44,8 +35,7 @@ def random_official_state_dict(
 
 @pytest.fixture(scope="session")
 def bccd_root() -> Path:
-    if not BCCD.is_dir():
-        pytest.skip(f"shared BCCD data not found at {BCCD}")
+    """11 BCCD images in VOC layout (train 4, val 4, test 3) with the data set's two degenerate boxes."""
     return BCCD
 
 

@@ -65,10 +65,37 @@ def test_invalid_values_are_named():
         get_config("m2det320_vgg16", mlfpn={"planes": 7})
     with pytest.raises(ValueError, match="size_pattern"):
         get_config("m2det320_vgg16", mlfpn={"num_scales": 5})
-    with pytest.raises(ValueError, match="unknown preset"):
-        get_config("m2det_huge")
+    with pytest.raises(ValueError, match="unknown preset 'ssd300'; known presets: m2det320_vgg16, "):
+        get_config("ssd300")
     with pytest.raises(ValueError, match="class_names"):
         get_config("m2det_tiny", num_classes=3, class_names=["a"])
+
+
+@pytest.mark.parametrize(
+    ("name", "guess"),
+    [
+        ("m2det320_vgg", "m2det320_vgg16"),
+        ("m2det_tinny", "m2det_tiny"),
+        ("M2Det512_VGG16", "m2det512_vgg16"),
+        ("resnet101", "m2det320_resnet101 or m2det512_resnet101"),
+    ],
+)
+def test_unknown_preset_suggests_the_close_ones(name, guess):
+    known = ", ".join(list_presets())
+    with pytest.raises(ValueError) as info:
+        get_config(name)
+    assert str(info.value) == f"unknown preset {name!r}; did you mean {guess}? known presets: {known}"
+
+
+def test_unknown_preset_on_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app
+
+    args = ["train", "--model", "m2det_tinny", "--data", str(tmp_path / "data"), "--project", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "unknown preset 'm2det_tinny'; did you mean m2det_tiny?" in result.output
 
 
 def test_categories_put_background_first():

@@ -91,8 +91,8 @@ def test_bad_inputs_are_clear_errors(detector, tmp_path):
         detector(str(tmp_path / "missing.jpg"))
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         m2det.Detector(tmp_path / "none.safetensors")
-    (tmp_path / "official.pth").write_bytes(b"not really")
-    with pytest.raises(ValueError, match="needs its preset"):
+    torch.save({"conf.0.bias": torch.zeros(6)}, tmp_path / "official.pth")
+    with pytest.raises(ValueError, match="official.pth: an official checkpoint needs its preset"):
         m2det.Detector(tmp_path / "official.pth")
     with pytest.raises(ValueError, match="unknown post-processing settings"):
         tiny_detector(settings="fastest")
@@ -100,6 +100,21 @@ def test_bad_inputs_are_clear_errors(detector, tmp_path):
         tiny_detector(sizes=[160])
     with pytest.raises(ValueError, match="device"):
         tiny_detector(device="nonsense")
+
+
+def test_a_file_that_is_no_model_is_named_with_the_kinds_expected(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("weights: m2det512_vgg.pth\n")
+    expected = (
+        f"{notes}: not a model file; expected our .safetensors model (from training or `m2det convert`), "
+        "an official M2Det .pth checkpoint (with its preset) or an .onnx file from `m2det export`"
+    )
+    for preset in (None, TINY):  # with a preset it is still not "an official checkpoint"
+        with pytest.raises(ValueError) as info:
+            m2det.Detector(notes, preset=preset)
+        assert str(info.value) == expected
+    result = CliRunner().invoke(app, ["detect", str(notes), "--weights", str(notes)])
+    assert result.exit_code == 2 and " ".join(expected.split()) in " ".join(result.output.split())
 
 
 def test_random_weights_warn_loudly():

@@ -74,7 +74,7 @@ def test_table3_variants_build_and_run(levels, planes):
 
 
 def test_gflops_match_reference_table():
-    # ../shared/reference/official-m2det.md measured the official module with FlopCounterMode
+    # the authors' module measured with FlopCounterMode (the figures of the README's preset table)
     assert measure(get_config("m2det320_vgg16")).gflops == pytest.approx(148.6, abs=0.05)
     assert measure(get_config("m2det512_vgg16")).gflops == pytest.approx(380.2, abs=0.05)
     assert measure(get_config("m2det800_vgg16")).gflops == pytest.approx(929.6, abs=0.05)

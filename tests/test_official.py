@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -10,15 +11,22 @@ import torch
 from typer.testing import CliRunner
 
 import m2det
-from conftest import official_layout, random_official_state_dict
+from conftest import random_official_state_dict
 from m2det.cli.main import app
 from m2det.io.checkpoint import load_model
+from m2det.io.official import authors_key, build_official_model, official_key, official_layout
 from official_reference import official_forward
+
+
+def meta_model(preset: str, **overrides):
+    """A model without memory or init time: enough for key and shape checks that fail before loading."""
+    with torch.device("meta"):
+        return m2det.build_model(preset, **overrides)
 
 
 @pytest.fixture(scope="module")
 def official_320():
-    return random_official_state_dict(320, seed=1)
+    return random_official_state_dict("vgg16", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +37,33 @@ def loaded_320(official_320):
     return model
 
 
-def test_layout_matches_reference_tsv(loaded_320):
-    assert len(loaded_320.state_dict()) == len(official_layout(320)) == 887
+@pytest.mark.parametrize(
+    ("preset", "size"),
+    [
+        ("m2det320_vgg16", 887),
+        ("m2det512_vgg16", 887),
+        ("m2det320_resnet101", 1483),
+        ("m2det512_resnet101", 1483),
+    ],
+)
+def test_packaged_layout_is_the_model_in_official_names(preset, size):
+    model = meta_model(preset)
+    backbone = model.config.backbone.name
+    layout = official_layout(backbone)
+    assert len(layout) == size
+    # every key and shape of the authors' layout has its place in the model, the ResNet classifier aside
+    unused = {"base.fc.weight": (1000, 2048), "base.fc.bias": (1000,)} if backbone == "resnet101" else {}
+    assert {k: layout.pop(k) for k in unused} == unused
+    named = {authors_key(k, backbone): tuple(v.shape) for k, v in model.state_dict().items()}
+    assert named == layout
+    assert all(official_key(authors_key(k, backbone), backbone) == k for k in model.state_dict())
+
+
+def test_official_layout_names_the_backbones_it_has():
+    assert official_layout("vgg16")["base.33.weight"] == (1024, 1024, 1, 1)
+    assert official_layout("resnet101")["base.layer4.2.conv3.weight"] == (2048, 512, 1, 1)
+    with pytest.raises(ValueError, match="no official layout for backbone 'tiny'.*vgg16, resnet101"):
+        official_layout("tiny")
 
 
 def test_outputs_equal_independent_official_forward(loaded_320, official_320):
@@ -85,14 +118,69 @@ def test_sfam_checkpoint_loads_and_matches(official_320):
 
 def test_512_layout_loads_strictly():
     model = m2det.build_model("m2det512_vgg16")
-    report = m2det.load_official(model, random_official_state_dict(512, seed=2))
+    state = random_official_state_dict("vgg16", seed=2)
+    report = m2det.load_official(model, state)
+    assert report.missing == [] and report.unexpected == [] and report.ignored == []
+    assert torch.equal(model.mlfpn.tums[7].smooth[4].conv.weight, state["unet8.smooth.4.conv.weight"])
+
+
+@pytest.fixture(scope="module")
+def official_resnet():
+    return random_official_state_dict("resnet101", seed=4)
+
+
+def test_resnet101_layout_loads_strictly_without_its_classifier(official_resnet):
+    assert len(official_resnet) == 1483 and "base.fc.weight" in official_resnet
+    model = m2det.build_model("m2det320_resnet101")
+    report = m2det.load_official(model, official_resnet)
     assert report.missing == [] and report.unexpected == []
+    assert report.ignored == ["base.fc.bias", "base.fc.weight"]
+    own = model.state_dict()
+    for key, value in official_resnet.items():
+        if key not in report.ignored:
+            assert torch.equal(own[official_key(key, "resnet101")], value), key
+
+
+def test_only_the_resnet_classifier_is_ignored(official_resnet, official_320):
+    resnet = meta_model("m2det320_resnet101")
+    for stray in ("base.fc2.weight", "fc.weight", "base.layer4.2.fc.weight", "extra.bias"):
+        with pytest.raises(
+            ValueError, match=rf"not in the official layout of this model: {re.escape(stray)}"
+        ):
+            m2det.load_official(resnet, {**official_resnet, stray: torch.zeros(1)})
+    # VGG16 has no classifier in the authors' layout: the same keys are strays there
+    with pytest.raises(
+        ValueError, match=r"not in the official layout of this model: base\.fc\.bias, base\.fc\.weight"
+    ):
+        m2det.load_official(
+            meta_model("m2det320_vgg16"),
+            {**official_320, **{k: official_resnet[k] for k in ("base.fc.weight", "base.fc.bias")}},
+        )
+
+
+def test_another_backbone_names_the_presets_that_fit(official_resnet, official_320):
+    with pytest.raises(ValueError) as info:
+        m2det.load_official(meta_model("m2det320_resnet101"), official_320)
+    message = str(info.value)
+    assert message.startswith(
+        "state dict: does not fit m2det320_resnet101 (its base.* keys are the authors' vgg16"
+    )
+    assert "m2det320_vgg16, m2det512_vgg16, m2det704_vgg16, m2det800_vgg16" in message
+    assert "missing from the checkpoint: base.bn1.bias" in message  # in the authors' names
+    with pytest.raises(
+        ValueError,
+        match="authors' resnet101 backbone, not vgg16: use a resnet101 preset: m2det320_resnet101, m2det512_resnet101",
+    ):
+        m2det.load_official(meta_model("m2det512_vgg16"), official_resnet)
 
 
 def test_wrong_num_classes_lists_the_heads(official_320):
     model = m2det.build_model("m2det320_vgg16", num_classes=21)
-    with pytest.raises(ValueError, match=r"head\.conf\.0\.weight.*\(486, 2048, 3, 3\).*\(126, 2048, 3, 3\)"):
+    with pytest.raises(ValueError) as info:
         m2det.load_official(model, official_320)
+    message = str(info.value)
+    assert "(the conf heads differ: pass num_classes matching the checkpoint)" in message
+    assert "conf.0.weight: checkpoint (486, 2048, 3, 3) vs model (126, 2048, 3, 3)" in message
 
 
 def test_missing_and_unexpected_keys_are_listed(official_320):
@@ -102,7 +190,9 @@ def test_missing_and_unexpected_keys_are_listed(official_320):
     model = m2det.build_model("m2det320_vgg16")
     with pytest.raises(ValueError) as info:
         m2det.load_official(model, state)
-    assert "mlfpn.tums.2.top.conv.weight" in str(info.value) and "extra.weight" in str(info.value)
+    # both in the checkpoint's own names, so they can be found in it
+    assert "missing from the checkpoint: unet3.toplayer.0.conv.weight;" in str(info.value)
+    assert "not in the official layout of this model: extra.weight" in str(info.value)
 
 
 def test_differing_shared_copies_are_refused_then_loadable_unshared(official_320):
@@ -116,34 +206,40 @@ def test_differing_shared_copies_are_refused_then_loadable_unshared(official_320
     assert torch.equal(unshared.mlfpn.leach[3].conv.weight, state["leach.3.conv.weight"])
 
 
-def test_pth_loads_weights_only_and_rejects_pickled_code(tmp_path, official_320):
+def test_pth_loads_weights_only(tmp_path, official_320):
     path = tmp_path / "official.pth"
     torch.save(official_320, path)
     model = m2det.build_model("m2det320_vgg16")
     m2det.load_official(model, path)
     assert torch.equal(model.head.conf[2].bias, official_320["conf.2.bias"])
 
-    class Payload:
-        def __reduce__(self):
-            return (print, ("this must never run",))
 
-    evil = tmp_path / "evil.pth"
-    torch.save({"conf.0.weight": Payload()}, evil)
-    with pytest.raises(ValueError, match=r"evil\.pth.*weights-only"):
-        m2det.load_official(model, evil)
+def test_build_official_model_names_what_is_wrong(tmp_path):
+    # the preset is checked before a (large) file is read: this one does not even exist
+    with pytest.raises(
+        ValueError, match="unknown preset 'm2det320_resnet'; did you mean m2det320_resnet101?"
+    ):
+        build_official_model(tmp_path / "m2det.pth", "m2det320_resnet")
+    backbone_only = tmp_path / "vgg16_reducedfc.pth"
+    torch.save({"0.weight": torch.zeros(64, 3, 3, 3)}, backbone_only)
+    message = (
+        f"{backbone_only}: not an official M2Det checkpoint: it has no conf.0.weight (the first class head)"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_official_model(backbone_only, "m2det320_vgg16")
+
+
+def test_build_official_model_loads_a_resnet101_checkpoint(official_resnet):
+    # what `m2det convert` and `--weights X.pth --preset ...` run
+    model = build_official_model(official_resnet, "m2det320_resnet101")
+    assert model.config.num_classes == 81 and model.config.class_names[0] == "person"
+    assert torch.equal(model.backbone.conv1.weight, official_resnet["base.conv1.weight"])
 
 
 def test_convert_cli_writes_a_loadable_model(tmp_path):
     # a thin variant keeps the files small; the mapping is the same for every variant
     small = m2det.build_model("m2det320_vgg16", num_classes=4, mlfpn={"num_levels": 2, "planes": 64}).eval()
-    official = {}
-    from m2det.io.official import official_key
-
-    reverse = {}
-    for key in random_official_state_dict(320):
-        reverse[official_key(key, "vgg16")] = key
-    for ours, tensor in small.state_dict().items():
-        official[reverse[ours]] = tensor.clone() + 0.01
+    official = {authors_key(k, "vgg16"): v.clone() + 0.01 for k, v in small.state_dict().items()}
     src = tmp_path / "official.pth"
     torch.save(official, src)
     out = tmp_path / "converted.safetensors"
@@ -183,4 +279,4 @@ def test_convert_cli_reports_bad_file(tmp_path):
         app, ["convert", str(bad), str(tmp_path / "o.safetensors"), "--preset", "m2det320_vgg16"]
     )
     assert result.exit_code == 2
-    assert "broken.pth" in result.output
+    assert f"error: {bad}: not a PyTorch file" in " ".join(result.output.split())

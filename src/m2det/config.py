@@ -6,6 +6,7 @@ A configuration is saved with every checkpoint so that a file alone rebuilds its
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -253,7 +254,13 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     form is also accepted (``**{"mlfpn.planes": 128}``).
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        # a part of a name ("resnet") suggests every preset holding it, a misspelling the nearest ones
+        wanted = str(name).lower()
+        close = [p for p in PRESETS if wanted and wanted in p] or difflib.get_close_matches(
+            wanted, PRESETS, n=3
+        )
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ValueError(f"unknown preset {name!r}; {guess}known presets: {', '.join(PRESETS)}")
     return with_overrides(PRESETS[name](), **overrides)
 
 

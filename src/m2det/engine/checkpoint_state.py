@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from m2det.io.checkpoint import read_metadata, save_model
-from m2det.io.torchfile import remove_temporaries, write_bytes_atomic
+from m2det.io.torchfile import read_torch_file, remove_temporaries, write_bytes_atomic
 
 PathLike = Union[str, Path]
 
@@ -86,10 +86,7 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training state not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors come in many types
-        raise ValueError(f"{path}: not a readable training state ({type(exc).__name__}: {exc})") from None
+    state = read_torch_file(path)
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: not an m2det training state (version {STATE_VERSION} expected)")
     return state

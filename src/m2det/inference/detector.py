@@ -21,6 +21,7 @@ from torch import Tensor
 from m2det.boxes.postprocess import PostProcessor, PostprocessSettings, get_settings
 from m2det.device import resolve_device
 from m2det.inference.multiscale import detect_multiscale
+from m2det.io.torchfile import is_torch_file
 from m2det.models.m2det import M2Det, pyramid_sizes
 
 DEFAULT_PRESET = "m2det320_vgg16"
@@ -181,6 +182,11 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
                 f"{path}: holds a {model.config.name} model, not {preset}; leave out the preset for .safetensors files"
             )
         return model
+    if not is_torch_file(path):
+        raise ValueError(
+            f"{path}: not a model file; expected our .safetensors model (from training or `m2det convert`), "
+            "an official M2Det .pth checkpoint (with its preset) or an .onnx file from `m2det export`"
+        )
     if preset is None:
         raise ValueError(
             f"{path}: an official checkpoint needs its preset (e.g. m2det512_vgg16) to know the architecture"
