@@ -118,8 +118,18 @@ def test_build_model_with_weights_and_another_input_size(source):
     assert loc.shape[1] == logits.shape[1] == model.anchors(96).shape[0] and logits.shape[2] == 2
 
 
+def test_official_resnet101_checkpoint_drops_exactly_the_unused_classifier():
+    from m2det.io.transfer import read_checkpoint
+
+    state = random_official_state_dict("resnet101", seed=5)
+    checkpoint = read_checkpoint(state, preset="m2det320_resnet101")
+    assert len(checkpoint.state) == len(state) - 2  # base.fc.weight, base.fc.bias
+    assert not any(key.startswith(("backbone.fc.", "<official>")) for key in checkpoint.state)
+    assert torch.equal(checkpoint.state["backbone.layer4.2.conv3.weight"], state["base.layer4.2.conv3.weight"])
+
+
 def test_official_81_classes_onto_3_classes_at_another_size():
-    state = random_official_state_dict(512, seed=4)  # the COCO layout of m2det512_vgg.pth
+    state = random_official_state_dict("vgg16", seed=4)  # the layout of m2det512_vgg.pth (any size)
     names = ["car", "platelet", "person"]
     model = m2det.build_model("m2det512_vgg16", weights=state, class_names=names, input_size=320)
     config = model.config

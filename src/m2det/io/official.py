@@ -24,7 +24,7 @@ OFFICIAL_BACKBONES = ("vgg16", "resnet101")
 
 # Keys of the authors' layout that detection never uses: their ResNet-101 keeps torchvision's ImageNet
 # classifier, so their state dict holds it. Loading drops exactly these; any other stray key is an error.
-_UNUSED_KEYS: dict[str, frozenset[str]] = {"resnet101": frozenset({"base.fc.weight", "base.fc.bias"})}
+UNUSED_OFFICIAL_KEYS: dict[str, frozenset[str]] = {"resnet101": frozenset({"base.fc.weight", "base.fc.bias"})}
 
 # (the authors' prefix, ours) for everything but the TUMs, whose index also shifts by one
 _PREFIXES: list[tuple[str, str]] = [
@@ -109,7 +109,7 @@ def official_backbone_of(state: dict[str, Tensor]) -> Union[str, None]:
 @dataclass
 class LoadReport:
     """What `load_official` did, in the official key names: keys the file lacked, keys that had no
-    place in the model (both empty when strict) and the unused keys it dropped (`_UNUSED_KEYS`)."""
+    place in the model (both empty when strict) and the unused keys it dropped (`UNUSED_OFFICIAL_KEYS`)."""
 
     missing: list[str]
     unexpected: list[str]
@@ -126,7 +126,7 @@ def convert_official_state_dict(
 ) -> tuple[dict[str, Tensor], LoadReport, list[str]]:
     """Rename an official state dict for `model`; also return shape mismatches as messages."""
     backbone = model.config.backbone.name
-    unused = _UNUSED_KEYS.get(backbone, frozenset())
+    unused = UNUSED_OFFICIAL_KEYS.get(backbone, frozenset())
     own = model.state_dict()
     renamed: dict[str, Tensor] = {}
     unexpected: list[str] = []

@@ -58,19 +58,24 @@ def is_official_layout(state: dict[str, Tensor]) -> bool:
     return any(k.startswith(("base.", "unet1.", "conf.0.")) for k in state)
 
 
-def _official_backbone(state: dict[str, Tensor]) -> str:
-    return "resnet101" if any(k.startswith("base.layer1.") for k in state) else "vgg16"
-
-
 def _from_official(
     state: dict[str, Tensor], where: str, preset: Optional[str], overrides: dict[str, Any]
 ) -> Checkpoint:
     from m2det.data.names import COCO_CLASSES
-    from m2det.io.official import official_key, official_num_classes
+    from m2det.io.official import (
+        UNUSED_OFFICIAL_KEYS,
+        official_backbone_of,
+        official_key,
+        official_num_classes,
+    )
 
-    backbone = _official_backbone(state)
+    # a layout that is neither authors' backbone is VGG's (its keys are then reported as not fitting)
+    backbone = official_backbone_of(state) or "vgg16"
+    unused = UNUSED_OFFICIAL_KEYS.get(backbone, frozenset())
     renamed: dict[str, Tensor] = {}
     for key, value in state.items():
+        if key in unused:
+            continue
         ours = official_key(key, backbone)
         renamed[ours if ours is not None else f"<official>.{key}"] = value
     num_classes = official_num_classes(state) if "conf.0.weight" in state else None
