@@ -360,6 +360,51 @@ def test_cli_scores_a_coco_json_exactly_as_pycocotools_without_images(tmp_path):
     assert [metrics["metrics"][name] for name in STAT_NAMES] == expected and metrics["num_images"] == 2
 
 
+def _with_placeholder_images(gt_file: Path) -> Path:
+    folder = gt_file.parent / "images"
+    folder.mkdir()
+    for image in json.loads(gt_file.read_text())["images"]:
+        Image.new("RGB", (image["width"], image["height"])).save(folder / image["file_name"])
+    return folder
+
+
+def test_a_coco_data_set_is_scored_against_its_json_as_written(tmp_path):
+    # what evaluate() (eval --weights, the trainer's validation) scores against: the file, not the
+    # data set's float32, clipped copy with recomputed areas
+    from m2det.data.coco import CocoDetection
+    from m2det.engine.evaluate import dataset_category_ids, ground_truth
+
+    gt_file, results_file, detections = _exact_case(tmp_path)
+    dataset = CocoDetection(gt_file, _with_placeholder_images(gt_file), keep_ignored=True)
+    expected = [float(v) for v in _pycocotools_stats(gt_file, results_file)]
+    image_ids = list(EXACT_IMAGES)
+    coco_gt, category_ids = ground_truth(dataset)
+    assert coco_gt.dataset == json.loads(gt_file.read_text()) and category_ids is None
+    result = score_detections(coco_gt, detections, category_ids=category_ids, image_ids=image_ids)
+    assert [result.metrics[name] for name in STAT_NAMES] == expected
+    # the data set's own reading of the same file scores differently: the reason for the above
+    copy_gt = score_detections(
+        dataset.coco_gt(), detections, category_ids=dataset_category_ids(dataset), image_ids=image_ids
+    )
+    assert [copy_gt.metrics[name] for name in STAT_NAMES] != expected
+
+
+def test_a_coco_json_pycocotools_cannot_score_falls_back_with_a_warning(tmp_path):
+    from m2det.data.coco import CocoDetection
+    from m2det.engine.evaluate import ground_truth
+
+    gt_file, _, _ = _exact_case(tmp_path)
+    data = json.loads(gt_file.read_text())
+    for annotation in data["annotations"]:
+        del annotation["area"]  # the data set fills in w * h; COCOeval needs the field
+    gt_file.write_text(json.dumps(data))
+    dataset = CocoDetection(gt_file, _with_placeholder_images(gt_file), keep_ignored=True)
+    with pytest.warns(UserWarning, match="missing field.*'area'.*not what pycocotools would score"):
+        coco_gt, category_ids = ground_truth(dataset)
+    assert category_ids == [c["id"] for c in EXACT_CATEGORIES]
+    assert coco_gt is dataset.coco_gt()
+
+
 def _invoke_error(args: list[str]) -> str:
     """Run `m2det eval` expecting a user error: exit code 2 and one message, no traceback."""
     result = CliRunner().invoke(app, ["eval", *args])
@@ -535,8 +580,8 @@ def test_cli_weights_on_bccd(bccd_root, tiny_weights, tmp_path):
 
 
 def test_cli_weights_on_coco_json(tmp_path, one_thread):
-    # running a model still goes through the data set (it needs the images); detections carry the
-    # json's own category ids and are scored on the images seen
+    # running a model needs the images; detections carry the json's own category ids and are scored
+    # against the json as written, on the images seen
     from m2det.io.checkpoint import save_model
     from m2det.models import build_model
 

@@ -435,6 +435,29 @@ def dataset_category_ids(dataset: Any) -> list[int]:
     return [int(i) for i in ids] if ids is not None else list(range(1, len(dataset.class_names) + 1))
 
 
+def ground_truth(dataset: Any) -> tuple[COCO, Optional[list[int]]]:
+    """The ground truth to score `dataset`'s detections against, and the `category_ids` argument of
+    `score_detections` for it.
+
+    A COCO json is scored as written, as pycocotools' `COCO(path)` reads it, so that the numbers
+    are pycocotools' to the last digit (the data set's own copy holds float32 boxes, clipped to the
+    image, with recomputed ids). A json pycocotools could not score (e.g. no `area`) falls back to
+    the data set's reading, with a warning saying so. Other formats use the data set's `coco_gt()`.
+    """
+    base = base_dataset(dataset)
+    path = getattr(base, "annotation_file", None)
+    if path is not None:
+        try:
+            return read_coco_gt(path), None  # detections carry the json's own category ids
+        except ValueError as exc:
+            warnings.warn(
+                f"{exc}; scoring against the data set's reading of the file instead (its boxes clipped "
+                "to the images, areas filled in), which is not what pycocotools would score",
+                stacklevel=2,
+            )
+    return base.coco_gt(), dataset_category_ids(base)
+
+
 def is_voc(dataset: Any) -> bool:
     """Whether the data set is Pascal VOC style (integer pixel-index boxes: the devkit's +1 convention)."""
     from m2det.data.voc import VOCDetection
@@ -582,16 +605,16 @@ def evaluate(
         model_or_detector, dataset, batch_size, device, settings, progress, workers
     )
     seconds = time.perf_counter() - start
-    coco_gt = base.coco_gt()
+    coco_gt, category_ids = ground_truth(base)
     unknown = sorted(set(image_ids) - set(coco_gt.getImgIds()))
     if unknown:
         raise ValueError(
-            f"{type(base).__name__}: target image ids {unknown[:5]} are not images of its coco_gt()"
+            f"{type(base).__name__}: target image ids {unknown[:5]} are not images of its ground truth"
         )
     result = score_detections(
         coco_gt,
         detections,
-        category_ids=dataset_category_ids(base),
+        category_ids=category_ids,
         image_ids=image_ids,
         voc_pixel_inclusive=is_voc(base) if voc_pixel_inclusive is None else voc_pixel_inclusive,
     )
