@@ -46,6 +46,28 @@ def seconds_per_image(model: torch.nn.Module, dataset, batch_size: int, steps: i
     return elapsed / (steps * batch_size)
 
 
+def scratch_recipe(
+    epochs: int, batch_size: int, optimizer: str, lr: float, weight_decay: float, workers: int, seed: int
+) -> TrainConfig:
+    """The settings that converge from random weights on a CPU budget: warm-up for a quarter of the
+    epochs (at most one) from lr/10, then cosine, gradients clipped."""
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=min(1.0, epochs / 4),
+        warmup_start_lr=lr / 10,
+        policy="cosine",
+        milestones=[],
+        clip_grad=10.0,
+        workers=workers,
+        eval_every=0,
+        seed=seed,
+    ).validate()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,20 +105,8 @@ def main() -> None:
     remaining = args.budget - (time.perf_counter() - start)
     # 0.9: room for the per-epoch checkpoint and the loader start-up
     epochs = max(1, int(0.9 * remaining / (per_image * len(train_set))))
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=min(1.0, epochs / 4),
-        warmup_start_lr=args.lr / 10,
-        policy="cosine",
-        milestones=[],
-        clip_grad=10.0,
-        workers=args.workers,
-        eval_every=0,
-        seed=args.seed,
+    config = scratch_recipe(
+        epochs, args.batch_size, args.optimizer, args.lr, args.weight_decay, args.workers, args.seed
     )
     print(
         f"{model_config.name} on {len(train_set)} trainval images: ~{per_image * 1000:.0f} ms per image, "
