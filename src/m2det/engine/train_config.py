@@ -60,6 +60,10 @@ class TrainConfig:
     lr_mults: dict[str, float] = field(default_factory=dict)
     loss_limit: float = 1e4  # a loss above this (or NaN/inf) stops the run
     log_every: int = 10  # TensorBoard scalars every N steps
+    # Training recipe options beyond the paper (all off by default; see docs/train.md and the
+    # `modern` preset).
+    no_decay_norm_bias: bool = False  # no weight decay on biases and normalisation layers
+    patience: int = 0  # early stopping: end after N epochs without a better best_metric; 0 = off
 
     def validate(self) -> TrainConfig:
         """Raise a ValueError naming the field when a value cannot work."""
@@ -67,7 +71,7 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("workers", "eval_every", "save_every", "weight_decay", "momentum"):
+        for name in ("workers", "eval_every", "save_every", "weight_decay", "momentum", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:

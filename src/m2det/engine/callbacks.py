@@ -1,0 +1,72 @@
+"""Trainer callbacks: hooks into the training loop for logging, early stopping, weight averaging, ...
+
+A callback subclasses `Callback` and overrides the hooks it needs (the others do nothing). Each hook
+receives the `TrainingRun` (`m2det.engine.train`): a callback reads its attributes (`model`,
+`optimizer`, `config`, `epoch`, `step`, `metrics`, `position`, ...) and acts through it
+(`run.request_stop(reason)` ends the run after the current epoch, `run.eval_model` is the model that
+is validated and saved). Hooks run in this order, on every process:
+
+    on_train_start
+    per epoch: on_epoch_start, on_step_end after every optimiser step,
+               on_validation_end (when the epoch was validated), on_epoch_end (before its checkpoint)
+    on_train_end (after a run that ended without an error)
+
+A callback with state returns it from `state_dict` (tensors and plain values only); it is saved in
+every checkpoint and handed back to `load_state_dict` on `--resume`, before `on_train_start`, so
+that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from m2det.engine.train import TrainingRun
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def on_train_start(self, run: TrainingRun) -> None:
+        """After the model, optimiser and data are built (and restored on resume), before the first epoch."""
+
+    def on_epoch_start(self, run: TrainingRun) -> None:
+        """Before the epoch's first step (the data loader's workers start after it)."""
+
+    def on_step_end(self, run: TrainingRun, losses: dict[str, float]) -> None:
+        """After an optimiser step; `losses` holds `loss`, `loss_box`, `loss_cls` averaged over processes."""
+
+    def on_validation_end(self, run: TrainingRun, metrics: dict[str, float]) -> None:
+        """After a validation (`metrics` as in `run.metrics`; every process gets rank 0's)."""
+
+    def on_epoch_end(self, run: TrainingRun) -> None:
+        """After the epoch (and its validation), before its checkpoint is written."""
+
+    def on_train_end(self, run: TrainingRun) -> None:
+        """After the last epoch of a run that ended without an error."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What `--resume` needs to continue exactly (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned."""
+
+
+class EarlyStopping(Callback):
+    """End the run when `best_metric` has not improved for `patience` epochs (checked at validations).
+
+    Stateless: the run's checkpoint holds the best epoch, so a resumed run decides the same way.
+    """
+
+    def __init__(self, patience: int) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1 epoch, got {patience}")
+        self.patience = int(patience)
+
+    def on_validation_end(self, run: TrainingRun, metrics: dict[str, float]) -> None:
+        if run.best_epoch is not None and run.epoch - run.best_epoch >= self.patience:
+            run.request_stop(
+                f"early stopping: {run.config.best_metric} has not improved for {run.epoch - run.best_epoch} "
+                f"epochs (best {run.best_metric:.4f} at epoch {run.best_epoch}, train.patience={self.patience})"
+            )

@@ -1,0 +1,165 @@
+"""Training-recipe building blocks: callbacks, parameter groups without decay, EMA, time budgets, presets."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from m2det.engine.callbacks import Callback, EarlyStopping
+from m2det.engine.finetune import no_decay_names, parameter_groups
+from m2det.engine.train import Trainer
+from m2det.engine.train_config import TrainConfig
+from train_helpers import ToyBoxes, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(**overrides) -> TrainConfig:
+    base = dict(
+        epochs=2, batch_size=4, lr=0.02, warmup_epochs=1, milestones=[], workers=0, eval_every=0, log_every=1
+    )
+    return TrainConfig(**{**base, **overrides}).validate()
+
+
+def _trainer(run_dir, config: TrainConfig, model=None, **kwargs) -> Trainer:
+    return Trainer(
+        model or tiny_model(),
+        config,
+        ToyBoxes(8, flip=True),
+        run_dir=run_dir,
+        device="cpu",
+        progress=False,
+        **kwargs,
+    )
+
+
+# ----- callbacks -----
+class Recorder(Callback):
+    """Writes down every hook it sees, with the run's epoch and step at that moment."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, int]] = []
+
+    def _note(self, hook: str, run) -> None:
+        self.seen.append((hook, run.epoch, run.step))
+
+    def on_train_start(self, run):
+        self._note("train_start", run)
+
+    def on_epoch_start(self, run):
+        self._note("epoch_start", run)
+
+    def on_step_end(self, run, losses):
+        assert set(losses) == {"loss", "loss_box", "loss_cls"} and all(v > 0 for v in losses.values())
+        self._note("step_end", run)
+
+    def on_validation_end(self, run, metrics):
+        self._note("validation_end", run)
+
+    def on_epoch_end(self, run):
+        self._note("epoch_end", run)
+
+    def on_train_end(self, run):
+        self._note("train_end", run)
+
+
+def test_callback_hooks_run_in_order_with_the_run_counters(tmp_path):
+    recorder = Recorder()
+    result = _trainer(tmp_path / "run", _config(), callbacks=[recorder]).fit()
+    assert result.finished and result.stop_reason is None
+    # 8 images, batch 4: two steps per epoch; no val_set, so no validation hooks
+    assert recorder.seen == [
+        ("train_start", 0, 0),
+        ("epoch_start", 0, 0),
+        ("step_end", 0, 1),
+        ("step_end", 0, 2),
+        ("epoch_end", 1, 2),
+        ("epoch_start", 1, 2),
+        ("step_end", 1, 3),
+        ("step_end", 1, 4),
+        ("epoch_end", 2, 4),
+        ("train_end", 2, 4),
+    ]
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_epoch_end(self, run):
+        run.request_stop("enough")
+
+
+def test_a_callback_ends_the_run_and_a_resume_keeps_it_ended(tmp_path):
+    run = tmp_path / "run"
+    result = _trainer(run, _config(epochs=5), callbacks=[StopAfterFirstEpoch()]).fit()
+    assert (result.epoch, result.finished, result.stop_reason) == (1, True, "enough")
+    recorder = Recorder()
+    again = _trainer(run, _config(epochs=5), callbacks=[recorder]).fit(resume=True)
+    assert (again.epoch, again.finished, again.stop_reason) == (1, True, "enough")
+    assert [hook for hook, _, _ in recorder.seen] == ["train_start", "train_end"]
+
+
+def test_early_stopping_counts_epochs_since_the_best():
+    stops: list[str] = []
+    run = SimpleNamespace(
+        config=SimpleNamespace(best_metric="AP50"), best_metric=0.4, best_epoch=3, request_stop=stops.append
+    )
+    stopping = EarlyStopping(patience=2)
+    for epoch in (3, 4):  # 0 and 1 epochs without improvement
+        run.epoch = epoch
+        stopping.on_validation_end(run, {})
+    assert stops == []
+    run.epoch = 5
+    stopping.on_validation_end(run, {})
+    assert len(stops) == 1 and "AP50 has not improved for 2 epochs" in stops[0] and "epoch 3" in stops[0]
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(0)
+    with pytest.raises(ValueError, match=r"train.patience must be >= 0"):
+        _config(patience=-1)
+
+
+# ----- parameter groups without weight decay -----
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 1)  # weight decays, bias does not
+        self.bn = nn.BatchNorm2d(3)  # neither weight nor bias decays
+        self.head = nn.Linear(3, 2, bias=False)
+
+
+def test_no_decay_groups_spare_biases_and_norms_and_keep_the_lr_multipliers():
+    model = Small()
+    assert no_decay_names(model) == {"conv.bias", "bn.weight", "bn.bias"}
+    assert len(parameter_groups(model, {}, no_decay_norm_bias=False)) == 1  # today's single group
+    groups = parameter_groups(model, {"head": 0.5, "bn": 0.5}, no_decay_norm_bias=True)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    layout = [
+        (g["lr_mult"], g.get("weight_decay"), sorted(by_id[id(p)] for p in g["params"])) for g in groups
+    ]
+    assert layout == [
+        (1.0, None, ["conv.weight"]),
+        (1.0, 0.0, ["conv.bias"]),
+        (0.5, None, ["head.weight"]),
+        (0.5, 0.0, ["bn.bias", "bn.weight"]),
+    ]
+    # an SGD step without gradient: only weight decay moves a parameter
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+        nn.init.constant_(param, 1.0)
+    optimizer = _config(weight_decay=0.1).build_optimizer(groups)
+    optimizer.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, torch.ones_like(p))}
+    assert moved == {"conv.weight", "head.weight"}
+
+
+def test_the_trainer_uses_the_no_decay_groups(tmp_path):
+    seen = []
+
+    class Groups(Callback):
+        def on_train_start(self, run):
+            seen.extend((g["lr_mult"], g["weight_decay"]) for g in run.optimizer.param_groups)
+
+    config = _config(epochs=1, no_decay_norm_bias=True, lr_mults={"backbone": 0.1}, weight_decay=5e-4)
+    _trainer(tmp_path / "run", config, callbacks=[Groups()]).fit()
+    assert seen == [(1.0, 5e-4), (1.0, 0.0), (0.1, 5e-4), (0.1, 0.0)]
