@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from m2det.engine.callbacks import Callback, EarlyStopping
+from m2det.engine.callbacks import Callback, EarlyStopping, ModelEMA
+from m2det.engine.checkpoint_state import LAST_MODEL, load_checkpoint
 from m2det.engine.finetune import no_decay_names, parameter_groups
 from m2det.engine.train import Trainer
 from m2det.engine.train_config import TrainConfig
-from train_helpers import ToyBoxes, tiny_model
+from m2det.io.checkpoint import load_weights
+from train_helpers import ToyBoxes, tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,3 +166,58 @@ def test_the_trainer_uses_the_no_decay_groups(tmp_path):
     config = _config(epochs=1, no_decay_norm_bias=True, lr_mults={"backbone": 0.1}, weight_decay=5e-4)
     _trainer(tmp_path / "run", config, callbacks=[Groups()]).fit()
     assert seen == [(1.0, 5e-4), (1.0, 0.0), (0.1, 5e-4), (0.1, 0.0)]
+
+
+# ----- EMA of the weights -----
+def test_model_ema_follows_the_ultralytics_rule():
+    model = Small()
+    ema = ModelEMA(model, decay=0.9, tau=3.0)
+    start = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    expected = dict(start)
+    gen = torch.Generator().manual_seed(0)
+    for update in range(1, 6):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen))
+            model.bn.running_mean.copy_(torch.randn(3, generator=gen))
+        ema.update(model)
+        d = 0.9 * (1.0 - math.exp(-update / 3.0))  # by the formula, in double precision
+        for name, param in model.named_parameters():
+            expected[name] = d * expected[name] + (1.0 - d) * param.detach().double()
+        averaged = dict(ema.module.named_parameters())
+        for name in expected:
+            assert torch.allclose(averaged[name].double(), expected[name], atol=1e-6), (update, name)
+        # buffers are copied, not averaged
+        assert torch.equal(ema.module.bn.running_mean, model.bn.running_mean)
+        assert ema.module.bn.num_batches_tracked == model.bn.num_batches_tracked
+    assert ema.updates == 5 and ema.decay_at(1) == pytest.approx(0.9 * (1 - math.exp(-1 / 3)))
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+    # ultralytics' defaults: the first update is almost all model, d(1) = 0.9999 * (1 - e^(-1/2000))
+    assert ModelEMA(model, 0.9999, 2000).decay_at(1) == pytest.approx(4.99825e-4, rel=1e-4)
+
+
+def test_ema_is_what_is_saved_and_a_resume_continues_it_exactly(tmp_path):
+    config = _config(ema=True, ema_decay=0.9, ema_tau=2.0)
+    whole = tiny_model()
+    _trainer(tmp_path / "whole", config, whole).fit()
+    state = load_checkpoint(tmp_path / "whole").state
+    assert state["callbacks"] == {"0:EMA": {"updates": 4}}  # 2 epochs of 2 steps
+    trained, reloaded = weights(whole), tiny_model(seed=7)
+    load_weights(reloaded, tmp_path / "whole" / LAST_MODEL)
+    saved = weights(reloaded)
+    assert all(torch.equal(state["train_model"][k], v) for k, v in trained.items())
+    moving = [k for k in trained if k.endswith(".weight") and "bn" not in k]
+    assert any(not torch.equal(saved[k], trained[k]) for k in moving)  # the file holds the average
+    assert all(torch.equal(saved[k], trained[k]) for k in trained if "running_" in k)  # buffers copied
+
+    split = tmp_path / "split"
+    _trainer(split, config).fit(stop_at_epoch=1)
+    resumed = tiny_model(seed=123)
+    result = _trainer(split, config, resumed).fit(resume=True)
+    assert (result.epoch, result.step) == (2, 4)
+    assert all(torch.equal(v, trained[k]) for k, v in weights(resumed).items())
+    again = tiny_model(seed=7)
+    load_weights(again, split / LAST_MODEL)
+    assert all(torch.equal(v, saved[k]) for k, v in weights(again).items())
+    with pytest.raises(ValueError, match=r"train.ema_decay must be in \(0, 1\)"):
+        _config(ema_decay=1.0)

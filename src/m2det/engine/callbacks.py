@@ -18,7 +18,12 @@ that a resumed run continues exactly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import copy
+import math
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from m2det.engine.train import TrainingRun
@@ -70,3 +75,69 @@ class EarlyStopping(Callback):
                 f"early stopping: {run.config.best_metric} has not improved for {run.epoch - run.best_epoch} "
                 f"epochs (best {run.best_metric:.4f} at epoch {run.best_epoch}, train.patience={self.patience})"
             )
+
+
+class ModelEMA:
+    """An exponential moving average of a model's parameters, as ultralytics' `ModelEMA`.
+
+    After the n-th update, `ema = d * ema + (1 - d) * model` with `d = decay * (1 - exp(-n / tau))`:
+    the ramp keeps the average from clinging to the random initial weights early in a run. Buffers
+    (BatchNorm running statistics) are copied from the model, not averaged.
+    """
+
+    def __init__(
+        self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0
+    ) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        if tau <= 0:
+            raise ValueError(f"EMA tau must be > 0 updates, got {tau}")
+        self.module = copy.deepcopy(model).eval()
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+        self.decay, self.tau, self.updates = float(decay), float(tau), int(updates)
+
+    def decay_at(self, updates: int) -> float:
+        """The weight `d` of the average at the `updates`-th update."""
+        return self.decay * (1.0 - math.exp(-updates / self.tau))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Average in the model's current parameters; copy its buffers."""
+        self.updates += 1
+        weight = 1.0 - self.decay_at(self.updates)
+        for ema_param, param in zip(self.module.parameters(), model.parameters()):
+            ema_param.lerp_(param.detach(), weight)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+
+class EMA(Callback):
+    """Train with `ModelEMA`: updated after every step; the average is what is validated and saved.
+
+    The run's model files (`last`, `best`, `epoch_N`) hold the average; the checkpoint's state also
+    holds the raw training weights (see `TrainingRun`) and this callback the update count, so that
+    `--resume` continues exactly.
+    """
+
+    def __init__(self, decay: float = 0.9999, tau: float = 2000.0) -> None:
+        self.decay, self.tau = decay, tau
+        self.updates = 0
+        self.ema: Optional[ModelEMA] = None
+
+    def on_train_start(self, run: TrainingRun) -> None:
+        self.ema = ModelEMA(run.model, self.decay, self.tau, self.updates)
+        if run.restored_eval_weights is not None:  # resumed: the average was the saved model
+            self.ema.module.load_state_dict(run.restored_eval_weights)
+        run.eval_model = self.ema.module
+
+    def on_step_end(self, run: TrainingRun, losses: dict[str, float]) -> None:
+        assert self.ema is not None
+        self.ema.update(run.model)
+        self.updates = self.ema.updates
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from m2det.engine import distributed
-from m2det.engine.callbacks import Callback, EarlyStopping
+from m2det.engine.callbacks import EMA, Callback, EarlyStopping
 from m2det.engine.checkpoint_state import (
     LAST_MODEL,
     capture_rng_state,
@@ -246,6 +246,8 @@ class TrainingRun:
         """The config's callbacks, then the trainer's; on resume each gets its saved state back."""
         config = self.config
         callbacks: list[Callback] = []
+        if config.ema:
+            callbacks.append(EMA(config.ema_decay, config.ema_tau))
         if config.patience:
             callbacks.append(EarlyStopping(config.patience))
         self.callbacks = callbacks + self.trainer.callbacks

@@ -64,6 +64,9 @@ class TrainConfig:
     # `modern` preset).
     no_decay_norm_bias: bool = False  # no weight decay on biases and normalisation layers
     patience: int = 0  # early stopping: end after N epochs without a better best_metric; 0 = off
+    ema: bool = False  # validate and save an exponential moving average of the weights
+    ema_decay: float = 0.9999  # its decay d, ramped as d * (1 - exp(-updates / ema_tau))
+    ema_tau: float = 2000.0  # in optimiser steps
 
     def validate(self) -> TrainConfig:
         """Raise a ValueError naming the field when a value cannot work."""
@@ -89,6 +92,10 @@ class TrainConfig:
                 "train.lr_mults must map parameter-name prefixes to multipliers >= 0, e.g. "
                 f"{{backbone: 0.1}}, got {self.lr_mults!r}"
             )
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not self.ema_tau > 0:
+            raise ValueError(f"train.ema_tau must be > 0 (optimiser steps), got {self.ema_tau}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad}")
         from m2det.engine.evaluate import STAT_NAMES, VOC_NAMES
