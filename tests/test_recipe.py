@@ -12,6 +12,7 @@ from torch import nn
 from m2det.engine.callbacks import Callback, EarlyStopping, ModelEMA
 from m2det.engine.checkpoint_state import LAST_MODEL, load_checkpoint
 from m2det.engine.finetune import no_decay_names, parameter_groups
+from m2det.engine.schedule import LRSchedule, TimeBudget, build_scheduler
 from m2det.engine.train import Trainer
 from m2det.engine.train_config import TrainConfig
 from m2det.io.checkpoint import load_weights
@@ -221,3 +222,69 @@ def test_ema_is_what_is_saved_and_a_resume_continues_it_exactly(tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in weights(again).items())
     with pytest.raises(ValueError, match=r"train.ema_decay must be in \(0, 1\)"):
         _config(ema_decay=1.0)
+
+
+# ----- a time budget -----
+class FakeClock:
+    """Time that passes only when told: `seconds_per_forward` at every forward of the model."""
+
+    def __init__(self, seconds_per_forward: float) -> None:
+        self.now, self.per_forward = 1000.0, seconds_per_forward
+
+    def __call__(self) -> float:
+        return self.now
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        model.register_forward_pre_hook(lambda *_: setattr(self, "now", self.now + self.per_forward))
+        return model
+
+
+class Rates(Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_step_end(self, run, losses):
+        self.rates.append(run.optimizer.param_groups[0]["lr"])  # the rate of the next step
+
+
+def test_time_budget_arithmetic():
+    clock = FakeClock(0)
+    budget = TimeBudget(120.0, clock, spent_before=30.0)
+    clock.now += 45.0
+    assert budget.elapsed() == 75.0 and budget.fraction(75.0) == 0.625 and budget.fraction(500.0) == 1.0
+    schedule = LRSchedule(lr=0.1, epochs=10, warmup_epochs=2, warmup_start_lr=0.0, policy="cosine")
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    spent = [0.0]
+    scheduler = build_scheduler(optimizer, schedule, steps_per_epoch=1000, budget_spent=lambda: spent[0])
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    for fraction, rate in [(0.1, 0.05), (0.2, 0.1), (0.6, 0.05), (1.0, 0.0)]:
+        spent[0] = fraction  # 10% of the budget is epoch 1 of 10: halfway through the 2 warm-up epochs
+        optimizer.step()
+        scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(rate, abs=1e-12), fraction
+    with pytest.raises(ValueError, match=r"train.time_limit_min must be > 0 minutes"):
+        _config(time_limit_min=0)
+
+
+def test_a_time_budget_fits_the_schedule_and_ends_the_run(tmp_path):
+    # one minute; each step (one forward) takes 7 s: the budget is spent during step 9, in epoch 5
+    config = _config(time_limit_min=1.0, epochs=10, warmup_epochs=1, warmup_start_lr=0.0, policy="cosine")
+    clock, rates = FakeClock(7.0), Rates()
+    whole = clock.attach(tiny_model())
+    result = _trainer(tmp_path / "whole", config, whole, callbacks=[rates], clock=clock).fit()
+    assert (result.epoch, result.step, result.finished) == (5, 9, True)
+    schedule = config.schedule()
+    assert rates.rates == pytest.approx([schedule.lr_at(10 * min(7 * k / 60, 1.0)) for k in range(1, 10)])
+    assert rates.rates[-1] == 0.0  # the cosine ended with the budget
+    assert load_checkpoint(tmp_path / "whole").state["elapsed_s"] == 63.0
+
+    # paused after epoch 2 and resumed with another clock: the budget goes on where it was
+    clock = FakeClock(7.0)
+    first = _trainer(tmp_path / "split", config, clock.attach(tiny_model()), clock=clock)
+    assert not first.fit(stop_at_epoch=2).finished
+    assert load_checkpoint(tmp_path / "split").state["elapsed_s"] == 28.0
+    clock = FakeClock(7.0)
+    resumed = clock.attach(tiny_model(seed=3))
+    result = _trainer(tmp_path / "split", config, resumed, clock=clock).fit(resume=True)
+    assert (result.epoch, result.step, result.finished) == (5, 9, True)
+    assert all(torch.equal(v, weights(whole)[k]) for k, v in weights(resumed).items())

@@ -50,6 +50,12 @@ def train(
         help="Start from a trained detector: our .safetensors or an official .pth (with --preset); "
         "any classes (the class rows are mapped by name). See docs/train.md.",
     ),
+    time_limit: Optional[float] = typer.Option(
+        None,
+        "--time",
+        help="Train for this many minutes (train.time_limit_min): the schedule of train.epochs epochs, "
+        "warm-up and decay, is fitted to the time, which ends the run.",
+    ),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue a run exactly: its folder (or a file in it)."
     ),
@@ -78,6 +84,8 @@ def train(
     from m2det.models import build_model
 
     model_overrides, train_overrides = split_overrides(parse_overrides(overrides))
+    if time_limit is not None:
+        train_overrides["time_limit_min"] = time_limit
     info, _ = distributed.setup(device)
     try:
         if resume is not None and weights is not None:
@@ -86,9 +94,9 @@ def train(
                 "a trained detector: they cannot be combined"
             )
         if resume is not None:
-            if overrides or config is not None or backbone_weights is not None:
+            if overrides or config is not None or backbone_weights is not None or time_limit is not None:
                 raise ValueError(
-                    "--resume continues a run with its own settings; --config, --set and "
+                    "--resume continues a run with its own settings; --config, --set, --time and "
                     "--backbone-weights cannot change it (start a new run instead)"
                 )
             run_dir = resolve_resume(resume)

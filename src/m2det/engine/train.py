@@ -39,7 +39,7 @@ from m2det.engine.checkpoint_state import (
     save_checkpoint,
 )
 from m2det.engine.finetune import parameter_groups, prepare_epoch
-from m2det.engine.schedule import build_scheduler
+from m2det.engine.schedule import TimeBudget, build_scheduler
 from m2det.engine.train_config import TrainConfig
 from m2det.io.checkpoint import load_weights, save_model
 from m2det.io.torchfile import atomic_path
@@ -220,18 +220,27 @@ class TrainingRun:
         # callback that replaces `eval_model` loads them
         self.restored_eval_weights: Optional[dict[str, Tensor]] = None
         self.callbacks: list[Callback] = []
+        self.budget: Optional[TimeBudget] = None  # `config.time_limit_min`, see `_build`
+        self.spent = 0.0  # the fraction of the budget spent, as all processes agree (see `_train_step`)
         self.writer: Any = None
         self.bar: Any = None
 
     @property
     def position(self) -> float:
-        """Where the run is on its schedule, in (fractional) epochs."""
+        """Where the run is on its schedule, in (fractional) epochs; with a time budget, the epoch
+        of the `config.epochs`-epoch schedule that the time spent corresponds to."""
+        if self.budget is not None:
+            return self.config.epochs * self.spent
         return self.step / self.steps_per_epoch
 
     @property
     def done(self) -> bool:
-        """All epochs trained, or stopped for good by a callback."""
-        return self.epoch >= self.config.epochs or self.stop_reason is not None
+        """All epochs trained (or the time budget spent), or stopped for good by a callback."""
+        if self.stop_reason is not None:
+            return True
+        if self.budget is not None:
+            return self.spent >= 1.0
+        return self.epoch >= self.config.epochs
 
     def request_stop(self, reason: str) -> None:
         """End the run after the current epoch (validated and saved) for `reason`; a resume keeps it ended."""
@@ -299,7 +308,16 @@ class TrainingRun:
         self.optimizer = config.build_optimizer(
             parameter_groups(self.model, config.lr_mults, config.no_decay_norm_bias)
         )
-        self.scheduler = build_scheduler(self.optimizer, config.schedule(), self.steps_per_epoch)
+        if config.time_limit_min is not None:
+            spent_before = float(state.get("elapsed_s") or 0.0) if state is not None else 0.0
+            self.budget = TimeBudget(config.time_limit_min * 60.0, self.clock, spent_before)
+            self.spent = self.budget.fraction(spent_before)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            config.schedule(),
+            self.steps_per_epoch,
+            (lambda: self.spent) if self.budget is not None else None,
+        )
         self.use_amp = config.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
         if state is None:
@@ -446,7 +464,7 @@ class TrainingRun:
         totals = torch.zeros(3, dtype=torch.float64)
         steps, tick, rate = 0, time.perf_counter(), 0.0
         if self.bar is not None:
-            self.bar.set_description(f"epoch {self.epoch + 1}/{config.epochs}", refresh=False)
+            self.bar.set_description(self._epoch_label(self.epoch + 1), refresh=False)
         for images, targets in self.loader:
             values = self._train_step(images, targets)
             totals += values.double()
@@ -459,6 +477,8 @@ class TrainingRun:
             losses = dict(zip(LOSS_TERMS, values.tolist()))
             self._callback("on_step_end", losses)
             self._log_step(losses, rate)
+            if self.budget is not None and self.spent >= 1.0:
+                break  # the budget ends the run here, mid-epoch if need be
         means = dict(zip(LOSS_TERMS, (totals / max(steps, 1)).tolist()))
         return means, steps * config.batch_size
 
@@ -477,11 +497,17 @@ class TrainingRun:
         with torch.autocast(self.device.type, enabled=self.use_amp):
             losses = self.network(list(images), targets)
         loss = losses["loss_box"] + losses["loss_cls"]
-        # one copy to the CPU, which the loss check needs anyway; the epoch totals and the log reuse it
+        # one copy to the CPU, which the loss check needs anyway; the epoch totals and the log reuse
+        # it. The time spent rides along, so that all processes agree on the budget's schedule.
+        elapsed = self.budget.elapsed() if self.budget is not None else 0.0
         values = distributed.all_reduce_mean(
-            torch.stack([loss, losses["loss_box"], losses["loss_cls"]]).detach().float()
+            torch.stack([loss, losses["loss_box"], losses["loss_cls"], loss.new_tensor(elapsed)])
+            .detach()
+            .float()
         ).cpu()
         self._check_loss(float(values[0]))
+        if self.budget is not None:
+            self.spent = self.budget.fraction(float(values[3]))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if config.clip_grad is not None:
@@ -490,7 +516,7 @@ class TrainingRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return values
+        return values[:3]
 
     def _check_loss(self, value: float) -> None:
         limit = self.config.loss_limit
@@ -547,7 +573,6 @@ class TrainingRun:
         rng = distributed.all_gather_objects(capture_rng_state())
         if not self.info.is_main:
             return
-        config = self.config
         lr = self.optimizer.param_groups[0]["lr"]
         evaluated = self.metrics if self.validated_at == self.epoch else {}
         row = {
@@ -569,7 +594,7 @@ class TrainingRun:
                 self.writer.add_scalar(f"val/{key}", evaluated[key], self.step)
         self.writer.flush()
         text = (
-            f"epoch {self.epoch}/{config.epochs}  loss {means['loss']:.4f} (box {means['loss_box']:.4f}, "
+            f"{self._epoch_label(self.epoch)}  loss {means['loss']:.4f} (box {means['loss_box']:.4f}, "
             f"cls {means['loss_cls']:.4f})  lr {lr:.2e}  {images_per_s:.1f} img/s  {seconds:.0f} s"
         )
         if evaluated:
@@ -601,6 +626,7 @@ class TrainingRun:
             "world_size": self.info.world_size,
             "train_config": config.to_dict(),
             "stop_reason": self.stop_reason,
+            "elapsed_s": self.budget.elapsed() if self.budget is not None else None,
             "callbacks": {key: c.state_dict() for key, c in self._callback_keys()},
         }
         if self.eval_model is not self.model:  # the model file holds eval_model: keep the trained one here
@@ -626,8 +652,14 @@ class TrainingRun:
     def _open_bar(self) -> None:
         if not (self.info.is_main and self.trainer.progress):
             return
-        total = self.config.epochs * self.steps_per_epoch
+        total = None if self.budget is not None else self.config.epochs * self.steps_per_epoch
         self.bar = progress_bar(total=total, initial=self.step, unit="step", desc="train")
+
+    def _epoch_label(self, epoch: int) -> str:
+        """`epoch N/E`, or with a time budget `epoch N (P% of M min)`."""
+        if self.budget is None:
+            return f"epoch {epoch}/{self.config.epochs}"
+        return f"epoch {epoch} ({self.spent:.0%} of {self.config.time_limit_min:g} min)"
 
     def _log_step(self, losses: dict[str, float], rate: float) -> None:
         if not self.info.is_main:

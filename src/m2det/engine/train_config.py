@@ -67,6 +67,10 @@ class TrainConfig:
     ema: bool = False  # validate and save an exponential moving average of the weights
     ema_decay: float = 0.9999  # its decay d, ramped as d * (1 - exp(-updates / ema_tau))
     ema_tau: float = 2000.0  # in optimiser steps
+    # A wall-clock budget for the whole run (`m2det train --time MINUTES`): the schedule of `epochs`
+    # epochs (warm-up, decay) is stretched or squeezed onto it and the run ends when it is spent,
+    # however many epochs that is. None: the run lasts `epochs` epochs.
+    time_limit_min: Optional[float] = None
 
     def validate(self) -> TrainConfig:
         """Raise a ValueError naming the field when a value cannot work."""
@@ -96,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
         if not self.ema_tau > 0:
             raise ValueError(f"train.ema_tau must be > 0 (optimiser steps), got {self.ema_tau}")
+        if self.time_limit_min is not None and not self.time_limit_min > 0:
+            raise ValueError(f"train.time_limit_min must be > 0 minutes or null, got {self.time_limit_min}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad}")
         from m2det.engine.evaluate import STAT_NAMES, VOC_NAMES
