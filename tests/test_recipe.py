@@ -14,7 +14,7 @@ from m2det.engine.checkpoint_state import LAST_MODEL, load_checkpoint
 from m2det.engine.finetune import no_decay_names, parameter_groups
 from m2det.engine.schedule import LRSchedule, TimeBudget, build_scheduler
 from m2det.engine.train import Trainer
-from m2det.engine.train_config import TrainConfig
+from m2det.engine.train_config import DEFAULT_PRESET, PAPER_RECIPE, TrainConfig, get_train_config
 from m2det.io.checkpoint import load_weights
 from train_helpers import ToyBoxes, tiny_model, weights
 
@@ -288,3 +288,72 @@ def test_a_time_budget_fits_the_schedule_and_ends_the_run(tmp_path):
     result = _trainer(tmp_path / "split", config, resumed, clock=clock).fit(resume=True)
     assert (result.epoch, result.step, result.finished) == (5, 9, True)
     assert all(torch.equal(v, weights(whole)[k]) for k, v in weights(resumed).items())
+
+
+# ----- presets -----
+def test_the_paper_preset_is_the_paper_and_still_the_default():
+    paper = get_train_config("paper")
+    assert paper == TrainConfig() and DEFAULT_PRESET == "paper"  # the default changes by benchmark only
+    recipe = {k: getattr(paper, k) for k in PAPER_RECIPE}
+    assert recipe == {
+        **PAPER_RECIPE,
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "lr": 2e-3,
+        "batch_size": 32,
+        "warmup_epochs": 5.0,
+        "policy": "step",
+        "milestones": [90, 120],
+        "epochs": 150,
+        "ema": False,
+        "no_decay_norm_bias": False,
+    }
+    # every preset starts from the paper's recipe, whatever the field defaults
+    assert get_train_config("official").momentum == 0.9 and get_train_config("official").epochs == 160
+
+
+def test_the_modern_preset_turns_the_new_blocks_on():
+    modern = get_train_config("modern", epochs=40)
+    assert (modern.optimizer, modern.policy, modern.epochs, modern.milestones) == ("adamw", "cosine", 40, [])
+    assert modern.ema and modern.no_decay_norm_bias and modern.warmup_epochs > 0
+
+
+def test_set_train_preset_replaces_the_files_preset_and_keeps_its_fields(tmp_path):
+    from m2det.cli.train import load_configs
+
+    _, config = load_configs(None, "m2det_tiny", {}, {"preset": "modern", "epochs": 7})
+    assert config == get_train_config("modern", epochs=7)
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  preset: paper\n  batch_size: 8\n")
+    _, config = load_configs(path, "m2det_tiny", {}, {"preset": "modern"})
+    assert config == get_train_config("modern", batch_size=8)
+    with pytest.raises(ValueError, match=r"cfg.yaml: unknown training preset 'moden'"):
+        load_configs(path, "m2det_tiny", {}, {"preset": "moden"})
+
+
+def test_train_cli_time_budget_and_preset(tmp_path):
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app
+    from m2det.data.synthetic import ShapesConfig, generate_shapes_dataset
+
+    shapes = ShapesConfig(width=64, height=64, classes=("circle", "square"), size_range=(0.3, 0.6), clutter=0)
+    data = generate_shapes_dataset(tmp_path / "shapes", num_train=8, num_val=4, config=shapes)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n  preset: m2det_tiny\n  input_size: 64\n  backbone: {width: 16}\n"
+        "  mlfpn: {num_scales: 3, planes: 32, shallow_out: 32, deep_out: 64}\n"
+        "  anchors: {steps: null, size_pattern: [0.2, 0.4, 0.7, 1.0]}\n"
+        "train:\n  batch_size: 4\n  workers: 0\n"
+    )
+    args = ["train", "--data", str(data.train.annotations), "--val-data", str(data.val.annotations)]
+    args += ["--config", str(config), "--set", "train.preset=modern", "--set", "train.batch_size=4"]
+    args += ["--time", "0.01", "--device", "cpu", "--project", str(tmp_path / "runs"), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    state = load_checkpoint(tmp_path / "runs" / "exp1").state
+    assert state["train_config"]["time_limit_min"] == 0.01 and state["train_config"]["optimizer"] == "adamw"
+    assert state["elapsed_s"] >= 0.6 and state["stop_reason"] is None
+    again = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "runs" / "exp1"), "--time", "1"])
+    assert again.exit_code == 2 and "--time" in again.output
