@@ -308,6 +308,10 @@ def test_the_paper_preset_is_the_paper_and_still_the_default():
         "epochs": 150,
         "ema": False,
         "no_decay_norm_bias": False,
+        "label_smoothing": 0.0,
+        "box_loss": "smooth_l1",
+        "box_loss_weight": 1.0,
+        "matcher": "iou",
     }
     # every preset starts from the paper's recipe, whatever the field defaults
     assert get_train_config("official").momentum == 0.9 and get_train_config("official").epochs == 160
@@ -317,6 +321,29 @@ def test_the_modern_preset_turns_the_new_blocks_on():
     modern = get_train_config("modern", epochs=40)
     assert (modern.optimizer, modern.policy, modern.epochs, modern.milestones) == ("adamw", "cosine", 40, [])
     assert modern.ema and modern.no_decay_norm_bias and modern.warmup_epochs > 0
+    assert (modern.box_loss, modern.matcher) == ("giou", "atss") and 0 < modern.label_smoothing <= 0.1
+
+
+def test_the_paper_loss_is_the_models_own_bit_for_bit():
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 64, 64), generator=gen, dtype=torch.uint8) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+        {
+            "boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0], [2.0, 2.0, 12.0, 9.0]]),
+            "labels": torch.tensor([2, 1]),
+        },
+    ]
+    model.train()
+    default = model(images, targets)
+    model.loss_fn = get_train_config("paper").build_loss(model)
+    configured = model(images, targets)
+    assert all(torch.equal(default[k], configured[k]) for k in default)
+    with pytest.raises(ValueError, match=r"train.matcher must be one of \('iou', 'atss'\), got 'atts'"):
+        _config(matcher="atts")
+    with pytest.raises(ValueError, match=r"train.box_loss must be one of"):
+        _config(box_loss="l1")
 
 
 def test_set_train_preset_replaces_the_files_preset_and_keeps_its_fields(tmp_path):

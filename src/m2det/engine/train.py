@@ -302,6 +302,7 @@ class TrainingRun:
                 raise ValueError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.eval_model = self.model
+        self.model.loss_fn = config.build_loss(self.model)  # the training settings own the loss
         self._wrap()
         self.loader = self._loader()
         self.steps_per_epoch = len(self.loader)

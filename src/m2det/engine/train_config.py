@@ -16,6 +16,7 @@ from m2det.config import dataclass_from_dict, read_yaml_mapping
 from m2det.engine.schedule import LRSchedule
 
 OPTIMIZERS = ("sgd", "adamw")
+MATCHERS = ("iou", "atss")
 
 
 @dataclass
@@ -71,6 +72,15 @@ class TrainConfig:
     # epochs (warm-up, decay) is stretched or squeezed onto it and the run ends when it is spent,
     # however many epochs that is. None: the run lasts `epochs` epochs.
     time_limit_min: Optional[float] = None
+    # The loss (see m2det.boxes.loss): label smoothing of the classification cross-entropy, the box
+    # loss (smooth_l1, the paper's, on encoded offsets, or giou / diou / ciou on decoded boxes) and
+    # its weight, and the matcher (iou: the paper's 0.5-IoU rule; atss: adaptive thresholds from
+    # the atss_topk anchor locations nearest each box on every pyramid level).
+    label_smoothing: float = 0.0
+    box_loss: str = "smooth_l1"
+    box_loss_weight: float = 1.0
+    matcher: str = "iou"
+    atss_topk: int = 9
 
     def validate(self) -> TrainConfig:
         """Raise a ValueError naming the field when a value cannot work."""
@@ -102,6 +112,7 @@ class TrainConfig:
             raise ValueError(f"train.ema_tau must be > 0 (optimiser steps), got {self.ema_tau}")
         if self.time_limit_min is not None and not self.time_limit_min > 0:
             raise ValueError(f"train.time_limit_min must be > 0 minutes or null, got {self.time_limit_min}")
+        self._validate_loss()
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad}")
         from m2det.engine.evaluate import STAT_NAMES, VOC_NAMES
@@ -115,6 +126,38 @@ class TrainConfig:
         except ValueError as exc:
             raise ValueError(f"train.{exc}") from None
         return self
+
+    def _validate_loss(self) -> None:
+        from m2det.boxes.loss import BOX_LOSSES
+
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.box_loss not in BOX_LOSSES:
+            raise ValueError(f"train.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
+        if not self.box_loss_weight > 0:
+            raise ValueError(f"train.box_loss_weight must be > 0, got {self.box_loss_weight}")
+        if self.matcher not in MATCHERS:
+            raise ValueError(f"train.matcher must be one of {MATCHERS}, got {self.matcher!r}")
+        if isinstance(self.atss_topk, bool) or not isinstance(self.atss_topk, int) or self.atss_topk < 1:
+            raise ValueError(f"train.atss_topk must be a whole number >= 1, got {self.atss_topk!r}")
+
+    def build_loss(self, model: Any) -> Any:
+        """The multibox loss of these settings for `model` (an M2Det: its box coder and anchors per
+        location); with the defaults, the paper's."""
+        from m2det.boxes.loss import MultiBoxLoss
+        from m2det.boxes.matcher import AnchorMatcher, ATSSMatcher
+
+        if self.matcher == "atss":
+            matcher: Any = ATSSMatcher(self.atss_topk * model.config.anchors.num_anchors_per_location)
+        else:
+            matcher = AnchorMatcher(0.5)
+        return MultiBoxLoss(
+            model.box_coder,
+            label_smoothing=self.label_smoothing,
+            box_loss=self.box_loss,
+            box_loss_weight=self.box_loss_weight,
+            matcher=matcher,
+        )
 
     def schedule(self) -> LRSchedule:
         return LRSchedule(
@@ -198,6 +241,10 @@ PAPER_RECIPE: dict[str, Any] = {
     "clip_grad": None,
     "no_decay_norm_bias": False,
     "ema": False,
+    "label_smoothing": 0.0,
+    "box_loss": "smooth_l1",
+    "box_loss_weight": 1.0,
+    "matcher": "iou",
 }
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -246,6 +293,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "min_lr": 2e-5,
         "clip_grad": 10.0,
         "ema": True,
+        "label_smoothing": 0.05,
+        "box_loss": "giou",
+        "box_loss_weight": 2.0,
+        "matcher": "atss",
+        "atss_topk": 9,
     },
 }
 
