@@ -312,6 +312,9 @@ def test_the_paper_preset_is_the_paper_and_still_the_default():
         "box_loss": "smooth_l1",
         "box_loss_weight": 1.0,
         "matcher": "iou",
+        "mosaic": 0.0,
+        "mixup": 0.0,
+        "multiscale_sizes": [],
     }
     # every preset starts from the paper's recipe, whatever the field defaults
     assert get_train_config("official").momentum == 0.9 and get_train_config("official").epochs == 160
@@ -322,6 +325,7 @@ def test_the_modern_preset_turns_the_new_blocks_on():
     assert (modern.optimizer, modern.policy, modern.epochs, modern.milestones) == ("adamw", "cosine", 40, [])
     assert modern.ema and modern.no_decay_norm_bias and modern.warmup_epochs > 0
     assert (modern.box_loss, modern.matcher) == ("giou", "atss") and 0 < modern.label_smoothing <= 0.1
+    assert modern.mosaic == 1.0 and 0 < modern.close_mosaic < modern.epochs
 
 
 def test_the_paper_loss_is_the_models_own_bit_for_bit():

@@ -141,3 +141,17 @@ class EMA(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = int(state["updates"])
+
+
+class CloseMosaic(Callback):
+    """Turn the mixing of samples (mosaic, mixup) off for the last `epochs` epochs of the schedule, as
+    ultralytics' `close_mosaic`: the last epochs see images as evaluation will. Decided at each
+    epoch's start from the schedule position, so a resumed run decides the same way."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = int(epochs)
+
+    def on_epoch_start(self, run: TrainingRun) -> None:
+        mixing = getattr(run.train_set, "enabled", None)
+        if mixing is not None:
+            run.train_set.enabled = run.position < run.config.epochs - self.epochs

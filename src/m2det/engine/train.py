@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from m2det.engine import distributed
-from m2det.engine.callbacks import EMA, Callback, EarlyStopping
+from m2det.engine.callbacks import EMA, Callback, CloseMosaic, EarlyStopping
 from m2det.engine.checkpoint_state import (
     LAST_MODEL,
     capture_rng_state,
@@ -259,6 +259,8 @@ class TrainingRun:
             callbacks.append(EMA(config.ema_decay, config.ema_tau))
         if config.patience:
             callbacks.append(EarlyStopping(config.patience))
+        if config.close_mosaic:
+            callbacks.append(CloseMosaic(config.close_mosaic))
         self.callbacks = callbacks + self.trainer.callbacks
         saved = state.get("callbacks", {}) if state is not None else {}
         for key, callback in self._callback_keys():
@@ -303,6 +305,11 @@ class TrainingRun:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.eval_model = self.model
         self.model.loss_fn = config.build_loss(self.model)  # the training settings own the loss
+        for size in config.multiscale_sizes:
+            try:
+                self.model.anchors(size)
+            except ValueError as exc:
+                raise ValueError(f"train.multiscale_sizes: {exc}") from None
         self._wrap()
         self.loader = self._loader()
         self.steps_per_epoch = len(self.loader)
@@ -351,8 +358,9 @@ class TrainingRun:
 
         config, info = self.config, self.info
         per_process = config.batch_size // info.world_size
+        self.train_set = config.wrap_train_set(self.trainer.train_set)
         self.sampler = DistributedSampler(
-            self.trainer.train_set,
+            self.train_set,
             num_replicas=info.world_size,
             rank=info.rank,
             shuffle=True,
@@ -362,7 +370,7 @@ class TrainingRun:
         # Seeded again every epoch (see `_epoch`), so worker augmentation depends on (seed, epoch, rank) only.
         self.generator = torch.Generator()
         loader = DataLoader(
-            self.trainer.train_set,
+            self.train_set,
             batch_size=per_process,
             sampler=self.sampler,
             num_workers=config.workers,
@@ -496,7 +504,7 @@ class TrainingRun:
             for t in targets
         ]
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            losses = self.network(list(images), targets)
+            losses = self.network(list(images), targets, input_size=self._step_input_size())
         loss = losses["loss_box"] + losses["loss_cls"]
         # one copy to the CPU, which the loss check needs anyway; the epoch totals and the log reuse
         # it. The time spent rides along, so that all processes agree on the budget's schedule.
@@ -518,6 +526,15 @@ class TrainingRun:
         self.scaler.update()
         self.scheduler.step()
         return values[:3]
+
+    def _step_input_size(self) -> Optional[int]:
+        """This step's input size: one of `multiscale_sizes`, drawn from (seed, step) alone so that
+        every process and a resumed run draw the same; None (the model's own) without them."""
+        sizes = self.config.multiscale_sizes
+        if not sizes:
+            return None
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
+        return sizes[int(torch.randint(len(sizes), (), generator=generator))]
 
     def _check_loss(self, value: float) -> None:
         limit = self.config.loss_limit

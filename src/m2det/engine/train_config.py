@@ -81,6 +81,15 @@ class TrainConfig:
     box_loss_weight: float = 1.0
     matcher: str = "iou"
     atss_topk: int = 9
+    # Mixing samples (m2det.data.transforms.MosaicMixup), after the SSD augmentation of each: the
+    # probability of a 4-image mosaic and of a mixup with a second sample; both off for the last
+    # close_mosaic epochs (with a time budget: the last close_mosaic / epochs of it).
+    mosaic: float = 0.0
+    mixup: float = 0.0
+    close_mosaic: int = 0
+    # Multi-scale training: each step's input size drawn from these (multiples of 32; the anchors
+    # follow the size); empty: always the model's input size.
+    multiscale_sizes: list[int] = field(default_factory=list)
 
     def validate(self) -> TrainConfig:
         """Raise a ValueError naming the field when a value cannot work."""
@@ -113,6 +122,7 @@ class TrainConfig:
         if self.time_limit_min is not None and not self.time_limit_min > 0:
             raise ValueError(f"train.time_limit_min must be > 0 minutes or null, got {self.time_limit_min}")
         self._validate_loss()
+        self._validate_mixing()
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad}")
         from m2det.engine.evaluate import STAT_NAMES, VOC_NAMES
@@ -140,6 +150,34 @@ class TrainConfig:
             raise ValueError(f"train.matcher must be one of {MATCHERS}, got {self.matcher!r}")
         if isinstance(self.atss_topk, bool) or not isinstance(self.atss_topk, int) or self.atss_topk < 1:
             raise ValueError(f"train.atss_topk must be a whole number >= 1, got {self.atss_topk!r}")
+
+    def _validate_mixing(self) -> None:
+        for name in ("mosaic", "mixup"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"train.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if (
+            isinstance(self.close_mosaic, bool)
+            or not isinstance(self.close_mosaic, int)
+            or self.close_mosaic < 0
+        ):
+            raise ValueError(f"train.close_mosaic must be a number of epochs >= 0, got {self.close_mosaic!r}")
+        sizes = self.multiscale_sizes
+        if not isinstance(sizes, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 32 and v % 32 == 0 for v in sizes
+        ):
+            raise ValueError(
+                f"train.multiscale_sizes must be a list of input sizes that are multiples of 32, e.g. "
+                f"[256, 320, 384], got {sizes!r}"
+            )
+
+    def wrap_train_set(self, dataset: Any) -> Any:
+        """The training data as the trainer feeds it: mixed by `MosaicMixup` when `mosaic` or `mixup`
+        is on, else `dataset` itself."""
+        if not (self.mosaic or self.mixup):
+            return dataset
+        from m2det.data.transforms import MosaicMixup
+
+        return MosaicMixup(dataset, self.mosaic, self.mixup, self.augmentation().min_box_fraction)
 
     def build_loss(self, model: Any) -> Any:
         """The multibox loss of these settings for `model` (an M2Det: its box coder and anchors per
@@ -182,15 +220,20 @@ class TrainConfig:
 
     def train_transform(self, input_size: int) -> Any:
         """The training transform to the square input (`m2det.data.build_train_transform`)."""
-        from m2det.data.transforms import AugmentSettings, build_eval_transform, build_train_transform
+        from m2det.data.transforms import build_eval_transform, build_train_transform
 
         if not self.augment:
             return build_eval_transform(input_size)
+        return build_train_transform(input_size, self.augmentation())
+
+    def augmentation(self) -> Any:
+        """`augment_settings` as an `m2det.data.AugmentSettings` (the official ones where not given)."""
+        from m2det.data.transforms import AugmentSettings
+
         try:
-            settings = dataclass_from_dict(AugmentSettings, self.augment_settings, "train.augment_settings")
+            return dataclass_from_dict(AugmentSettings, self.augment_settings, "train.augment_settings")
         except (TypeError, KeyError) as exc:
             raise ValueError(str(exc)) from None
-        return build_train_transform(input_size, settings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,6 +288,9 @@ PAPER_RECIPE: dict[str, Any] = {
     "box_loss": "smooth_l1",
     "box_loss_weight": 1.0,
     "matcher": "iou",
+    "mosaic": 0.0,
+    "mixup": 0.0,
+    "multiscale_sizes": [],
 }
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -298,6 +344,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "box_loss_weight": 2.0,
         "matcher": "atss",
         "atss_topk": 9,
+        "mosaic": 1.0,
+        "close_mosaic": 10,
     },
 }
 

@@ -120,9 +120,14 @@ class M2Det(nn.Module):
         return self.normalize(torch.stack(batch).to(self.pixel_means.device)), sizes
 
     def forward(
-        self, images: Sequence[Tensor], targets: Optional[list[dict[str, Tensor]]] = None
+        self,
+        images: Sequence[Tensor],
+        targets: Optional[list[dict[str, Tensor]]] = None,
+        input_size: Optional[int] = None,
     ) -> Union[dict[str, Tensor], list[dict[str, Tensor]]]:
-        x, sizes = self.preprocess(images)
+        """See the class docstring; `input_size` runs the network at another square size than the
+        model's own (multi-scale training), the anchors following it."""
+        x, sizes = self.preprocess(images, input_size)
         loc, logits = self.forward_raw(x)
         anchors = self.anchors(x.shape[-1]).to(loc.device)
         if self.training:
