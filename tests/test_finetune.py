@@ -125,7 +125,9 @@ def test_official_resnet101_checkpoint_drops_exactly_the_unused_classifier():
     checkpoint = read_checkpoint(state, preset="m2det320_resnet101")
     assert len(checkpoint.state) == len(state) - 2  # base.fc.weight, base.fc.bias
     assert not any(key.startswith(("backbone.fc.", "<official>")) for key in checkpoint.state)
-    assert torch.equal(checkpoint.state["backbone.layer4.2.conv3.weight"], state["base.layer4.2.conv3.weight"])
+    assert torch.equal(
+        checkpoint.state["backbone.layer4.2.conv3.weight"], state["base.layer4.2.conv3.weight"]
+    )
 
 
 def test_official_81_classes_onto_3_classes_at_another_size():
