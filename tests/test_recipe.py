@@ -203,23 +203,22 @@ def test_ema_is_what_is_saved_and_a_resume_continues_it_exactly(tmp_path):
     _trainer(tmp_path / "whole", config, whole).fit()
     state = load_checkpoint(tmp_path / "whole").state
     assert state["callbacks"] == {"0:EMA": {"updates": 4}}  # 2 epochs of 2 steps
-    trained, reloaded = weights(whole), tiny_model(seed=7)
+    reloaded = tiny_model(seed=7)
     load_weights(reloaded, tmp_path / "whole" / LAST_MODEL)
-    saved = weights(reloaded)
-    assert all(torch.equal(state["train_model"][k], v) for k, v in trained.items())
+    saved, trained = weights(reloaded), state["train_model"]
     moving = [k for k in trained if k.endswith(".weight") and "bn" not in k]
-    assert any(not torch.equal(saved[k], trained[k]) for k in moving)  # the file holds the average
+    assert any(not torch.equal(saved[k], trained[k]) for k in moving)  # the file holds the average...
     assert all(torch.equal(saved[k], trained[k]) for k in trained if "running_" in k)  # buffers copied
+    assert all(torch.equal(v, saved[k]) for k, v in weights(whole).items())  # ... and so does the model
 
     split = tmp_path / "split"
     _trainer(split, config).fit(stop_at_epoch=1)
     resumed = tiny_model(seed=123)
     result = _trainer(split, config, resumed).fit(resume=True)
     assert (result.epoch, result.step) == (2, 4)
-    assert all(torch.equal(v, trained[k]) for k, v in weights(resumed).items())
-    again = tiny_model(seed=7)
-    load_weights(again, split / LAST_MODEL)
-    assert all(torch.equal(v, saved[k]) for k, v in weights(again).items())
+    assert all(torch.equal(v, saved[k]) for k, v in weights(resumed).items())
+    resumed_state = load_checkpoint(split).state
+    assert all(torch.equal(resumed_state["train_model"][k], v) for k, v in trained.items())
     with pytest.raises(ValueError, match=r"train.ema_decay must be in \(0, 1\)"):
         _config(ema_decay=1.0)
 

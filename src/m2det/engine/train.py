@@ -192,7 +192,7 @@ class TrainingRun:
 
     Callbacks (`m2det.engine.callbacks`) receive it. What they may read: `config`, `model` (the
     module being trained, unwrapped), `eval_model` (what is validated and saved: `model` unless a
-    callback such as EMA replaces it), `optimizer`, `scheduler`, `train_set`, `epoch` (epochs
+    callback such as EMA replaces it; `model` takes its weights when the `fit` call returns), `optimizer`, `scheduler`, `train_set`, `epoch` (epochs
     finished), `step` (optimiser steps taken), `steps_per_epoch`, `position` (the schedule's
     fractional epoch), `metrics` (the last validation), `best_metric`, `best_epoch`, `run_dir`,
     `info` (rank, world size), `device`, `restored_eval_weights`. What they may do: `request_stop`.
@@ -440,6 +440,9 @@ class TrainingRun:
                 self._end_epoch(means, images / max(seconds, 1e-9), seconds)
                 if pause:
                     break
+            if self.eval_model is not self.model:
+                # the caller's model ends as the files do: with the weights validated and saved (EMA)
+                self.model.load_state_dict(self.eval_model.state_dict())
             failed = False
         finally:
             self._close(failed)
