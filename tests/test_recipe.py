@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from m2det.engine.schedule import LRSchedule, TimeBudget, build_scheduler
 from m2det.engine.train import Trainer
 from m2det.engine.train_config import DEFAULT_PRESET, PAPER_RECIPE, TrainConfig, get_train_config
 from m2det.io.checkpoint import load_weights
-from train_helpers import ToyBoxes, tiny_model, weights
+from train_helpers import ToyBoxes, tiny_cli_data, tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -293,28 +294,40 @@ def test_a_time_budget_fits_the_schedule_and_ends_the_run(tmp_path):
 def test_the_paper_preset_is_the_paper_and_still_the_default():
     paper = get_train_config("paper")
     assert paper == TrainConfig() and DEFAULT_PRESET == "paper"  # the default changes by benchmark only
-    recipe = {k: getattr(paper, k) for k in PAPER_RECIPE}
-    assert recipe == {
-        **PAPER_RECIPE,
-        "optimizer": "sgd",
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "lr": 2e-3,
-        "batch_size": 32,
-        "warmup_epochs": 5.0,
-        "policy": "step",
-        "milestones": [90, 120],
-        "epochs": 150,
-        "ema": False,
-        "no_decay_norm_bias": False,
-        "label_smoothing": 0.0,
-        "box_loss": "smooth_l1",
-        "box_loss_weight": 1.0,
-        "matcher": "iou",
-        "mosaic": 0.0,
-        "mixup": 0.0,
-        "multiscale_sizes": [],
+    # the paper's numbers ...
+    assert (paper.optimizer, paper.momentum, paper.weight_decay, paper.lr, paper.batch_size) == (
+        "sgd",
+        0.9,
+        5e-4,
+        2e-3,
+        32,
+    )
+    assert (paper.warmup_epochs, paper.policy, paper.milestones, paper.gamma, paper.epochs) == (
+        5.0,
+        "step",
+        [90, 120],
+        0.1,
+        150,
+    )
+    # ... and none of the additions
+    additions = ("ema", "no_decay_norm_bias", "label_smoothing", "box_loss", "matcher", "mosaic", "mixup")
+    assert [getattr(paper, k) for k in additions] == [False, False, 0.0, "smooth_l1", "iou", 0.0, 0.0]
+    assert (paper.multiscale_sizes, paper.time_limit_min, paper.patience) == ([], None, 0)
+    # every field that shapes what is learnt is spelled out, so new field defaults cannot change it;
+    # the rest run the training (or tune an option the recipe leaves off)
+    operational = {
+        "workers",
+        "amp",
+        "eval_every",
+        "save_every",
+        "best_metric",
+        "seed",
+        "sync_bn",
+        "loss_limit",
     }
+    operational |= {"log_every", "freeze_bn", "freeze_backbone_epochs", "freeze_backbone_bn", "lr_mults"}
+    operational |= {"patience", "time_limit_min", "ema_decay", "ema_tau", "atss_topk", "close_mosaic"}
+    assert set(PAPER_RECIPE) | operational == {f.name for f in dataclasses.fields(TrainConfig)}
     # every preset starts from the paper's recipe, whatever the field defaults
     assert get_train_config("official").momentum == 0.9 and get_train_config("official").epochs == 160
 
@@ -366,17 +379,8 @@ def test_train_cli_time_budget_and_preset(tmp_path):
     from typer.testing import CliRunner
 
     from m2det.cli.main import app
-    from m2det.data.synthetic import ShapesConfig, generate_shapes_dataset
 
-    shapes = ShapesConfig(width=64, height=64, classes=("circle", "square"), size_range=(0.3, 0.6), clutter=0)
-    data = generate_shapes_dataset(tmp_path / "shapes", num_train=8, num_val=4, config=shapes)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "model:\n  preset: m2det_tiny\n  input_size: 64\n  backbone: {width: 16}\n"
-        "  mlfpn: {num_scales: 3, planes: 32, shallow_out: 32, deep_out: 64}\n"
-        "  anchors: {steps: null, size_pattern: [0.2, 0.4, 0.7, 1.0]}\n"
-        "train:\n  batch_size: 4\n  workers: 0\n"
-    )
+    data, config = tiny_cli_data(tmp_path, "train:\n  batch_size: 4\n  workers: 0\n")
     args = ["train", "--data", str(data.train.annotations), "--val-data", str(data.val.annotations)]
     args += ["--config", str(config), "--set", "train.preset=modern", "--set", "train.batch_size=4"]
     args += ["--time", "0.01", "--device", "cpu", "--project", str(tmp_path / "runs"), "--quiet"]

@@ -7,7 +7,7 @@ IoU-based box loss on the decoded boxes, and another matcher (e.g. `ATSSMatcher`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torchvision.ops import (
 )
 
 from m2det.boxes.coder import BoxCoder
-from m2det.boxes.matcher import AnchorMatcher, ATSSMatcher
+from m2det.boxes.matcher import AnchorMatcher, Matcher
 
 # Box losses on decoded xyxy boxes (torchvision's), beside the paper's smooth-L1 on encoded offsets.
 IOU_LOSSES: dict[str, Callable[..., Tensor]] = {
@@ -65,7 +65,7 @@ class MultiBoxLoss:
         label_smoothing: float = 0.0,
         box_loss: str = "smooth_l1",
         box_loss_weight: float = 1.0,
-        matcher: Optional[Union[AnchorMatcher, ATSSMatcher]] = None,
+        matcher: Optional[Matcher] = None,
     ):
         if neg_pos_ratio < 0:
             raise ValueError(f"neg_pos_ratio must be >= 0, got {neg_pos_ratio}")

@@ -16,20 +16,8 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 
-class AnchorMatcher:
-    """Assign each anchor a ground-truth box and label, or background (label 0).
-
-    As in SSD and the official M2Det code: an anchor whose best IoU is below `iou_threshold` is
-    background, and each ground truth is also forced onto the anchor it overlaps most (its IoU
-    counted as 2, so it survives the threshold) so that every box gets at least one positive. When
-    two boxes pick the same anchor, the later box (higher index) wins. An image without boxes gets
-    all anchors as background.
-    """
-
-    def __init__(self, iou_threshold: float = 0.5):
-        if not 0.0 < iou_threshold <= 1.0:
-            raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-        self.iou_threshold = float(iou_threshold)
+class Matcher:
+    """Assign each anchor a ground-truth box and label, or background (label 0); a rule overrides `match`."""
 
     def __call__(
         self,
@@ -44,7 +32,7 @@ class AnchorMatcher:
             boxes: per image, `[K_i, 4]` xyxy ground truth (same units as the anchors).
             labels: per image, `[K_i]` int64 labels (1..C-1).
             anchors: `[A, 4]` xyxy.
-            level_sizes: anchors per pyramid level (unused: this rule does not look at levels).
+            level_sizes: how many anchors each pyramid level holds, in order (for rules that need it).
 
         Returns:
             `(matched_boxes [N, A, 4], matched_labels [N, A])`: the xyxy box each anchor is assigned
@@ -52,7 +40,37 @@ class AnchorMatcher:
         """
         truth = PaddedTruth.of(boxes, labels, anchors)
         if truth is None:
-            return empty_match(anchors)
+            num_anchors = anchors.shape[0]
+            return anchors.new_zeros((0, num_anchors, 4)), anchors.new_zeros(
+                (0, num_anchors), dtype=torch.int64
+            )
+        return self.match(truth, anchors, level_sizes)
+
+    def match(
+        self, truth: PaddedTruth, anchors: Tensor, level_sizes: Optional[Sequence[int]]
+    ) -> tuple[Tensor, Tensor]:
+        """The rule, on a batch of at least one image (see `__call__`)."""
+        raise NotImplementedError
+
+
+class AnchorMatcher(Matcher):
+    """SSD's rule.
+
+    As in SSD and the official M2Det code: an anchor whose best IoU is below `iou_threshold` is
+    background, and each ground truth is also forced onto the anchor it overlaps most (its IoU
+    counted as 2, so it survives the threshold) so that every box gets at least one positive. When
+    two boxes pick the same anchor, the later box (higher index) wins. An image without boxes gets
+    all anchors as background.
+    """
+
+    def __init__(self, iou_threshold: float = 0.5):
+        if not 0.0 < iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+        self.iou_threshold = float(iou_threshold)
+
+    def match(
+        self, truth: PaddedTruth, anchors: Tensor, level_sizes: Optional[Sequence[int]]
+    ) -> tuple[Tensor, Tensor]:
         n, k, num_anchors = truth.iou.shape
         iou = truth.iou
         best_iou, best_truth = iou.max(dim=1)  # [N, A]: per anchor, its best truth
@@ -68,7 +86,7 @@ class AnchorMatcher:
         return truth.assign(best_truth, ~(best_iou < self.iou_threshold))
 
 
-class ATSSMatcher:
+class ATSSMatcher(Matcher):
     """Adaptive training sample selection (Zhang et al., "Bridging the Gap Between Anchor-based and
     Anchor-free Detection", CVPR 2020): the IoU threshold adapts to each ground-truth box.
 
@@ -86,22 +104,14 @@ class ATSSMatcher:
             raise ValueError(f"topk must be >= 1, got {topk}")
         self.topk = int(topk)
 
-    def __call__(
-        self,
-        boxes: Sequence[Tensor],
-        labels: Sequence[Tensor],
-        anchors: Tensor,
-        level_sizes: Optional[Sequence[int]] = None,
+    def match(
+        self, truth: PaddedTruth, anchors: Tensor, level_sizes: Optional[Sequence[int]]
     ) -> tuple[Tensor, Tensor]:
-        """Match a batch, as `AnchorMatcher.__call__`; `level_sizes` are the anchors per level, in order."""
         if level_sizes is None or sum(level_sizes) != anchors.shape[0]:
             raise ValueError(
                 f"ATSSMatcher needs the number of anchors of each pyramid level, summing to "
                 f"{anchors.shape[0]}; got {None if level_sizes is None else list(level_sizes)}"
             )
-        truth = PaddedTruth.of(boxes, labels, anchors)
-        if truth is None:
-            return empty_match(anchors)
         iou, gt_boxes = truth.iou, truth.boxes
         anchor_centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # [A, 2]
         gt_centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [N, K, 2]
@@ -167,12 +177,6 @@ class PaddedTruth:
         labels = self.labels.gather(1, truth_of_anchor).masked_fill(~positive, 0)
         boxes = self.boxes.gather(1, truth_of_anchor[:, :, None].expand(n, num_anchors, 4))
         return boxes, labels
-
-
-def empty_match(anchors: Tensor) -> tuple[Tensor, Tensor]:
-    """The match of a batch of no images."""
-    num_anchors = anchors.shape[0]
-    return anchors.new_zeros((0, num_anchors, 4)), anchors.new_zeros((0, num_anchors), dtype=torch.int64)
 
 
 def padded_slots(counts: Sequence[int], width: int, device: torch.device) -> Tensor:
