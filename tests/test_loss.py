@@ -390,7 +390,8 @@ def _iou_terms_by_hand() -> dict[str, list[float]]:
     giou = [1 - iou[0], 1 - iou[1], 1 - iou[2]]  # the enclosing box is the union in each pair
     # centre distance^2 over the enclosing box's diagonal^2
     diou = [giou[0] + 0.05**2 / 0.5, giou[1] + 2 * 0.025**2 / (2 * 0.55**2), giou[2] + 0.15**2 / 0.5]
-    # aspect term: v = 4 / pi^2 (atan(w_gt / h_gt) - atan(w / h))^2 (every anchor is square), alpha = v / (1 - IoU + v)
+    # aspect term: v = 4 / pi^2 (atan(w_gt / h_gt) - atan(w / h))^2 (every anchor is square),
+    # weighted by alpha = v / (1 - IoU + v)
     v = [4 / math.pi**2 * (math.atan(r) - math.pi / 4) ** 2 for r in (0.5 / 0.4, 1.0, 0.3 / 0.2)]
     ciou = [d + vi / (1 - i + vi) * vi for d, vi, i in zip(diou, v, iou)]
     return {"giou": giou, "diou": diou, "ciou": ciou}

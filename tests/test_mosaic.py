@@ -18,7 +18,7 @@ S = 100  # the side of the hand-worked tiles
 
 
 def tile(value: int, boxes: list[list[float]], labels: list[int]):
-    """An S x S tile whose pixel (y, x) of channel 0 is its `value`, channel 1 the row, channel 2 the column."""
+    """An S x S tile whose pixel (y, x) holds its `value` in channel 0, y in channel 1, x in channel 2."""
     rows = torch.arange(S)[:, None].expand(S, S)
     image = torch.stack([torch.full((S, S), value), rows, rows.T]).to(torch.uint8)
     target = {

@@ -71,9 +71,10 @@ class EarlyStopping(Callback):
 
     def on_validation_end(self, run: TrainingRun, metrics: dict[str, float]) -> None:
         if run.best_epoch is not None and run.epoch - run.best_epoch >= self.patience:
+            since = run.epoch - run.best_epoch
             run.request_stop(
-                f"early stopping: {run.config.best_metric} has not improved for {run.epoch - run.best_epoch} "
-                f"epochs (best {run.best_metric:.4f} at epoch {run.best_epoch}, train.patience={self.patience})"
+                f"early stopping: {run.config.best_metric} has not improved for {since} epochs (best "
+                f"{run.best_metric:.4f} at epoch {run.best_epoch}, train.patience={self.patience})"
             )
 
 

@@ -192,10 +192,11 @@ class TrainingRun:
 
     Callbacks (`m2det.engine.callbacks`) receive it. What they may read: `config`, `model` (the
     module being trained, unwrapped), `eval_model` (what is validated and saved: `model` unless a
-    callback such as EMA replaces it; `model` takes its weights when the `fit` call returns), `optimizer`, `scheduler`, `train_set`, `epoch` (epochs
-    finished), `step` (optimiser steps taken), `steps_per_epoch`, `position` (the schedule's
-    fractional epoch), `metrics` (the last validation), `best_metric`, `best_epoch`, `run_dir`,
-    `info` (rank, world size), `device`, `restored_eval_weights`. What they may do: `request_stop`.
+    callback such as EMA replaces it; `model` takes its weights when the `fit` call returns),
+    `optimizer`, `scheduler`, `train_set` (as fed to the loader), `epoch` (epochs finished), `step`
+    (optimiser steps taken), `steps_per_epoch`, `position` (the schedule's fractional epoch),
+    `metrics` (the last validation), `best_metric`, `best_epoch`, `run_dir`, `info` (rank, world
+    size), `device`, `restored_eval_weights`. What they may do: `request_stop`, set `eval_model`.
     """
 
     def __init__(self, trainer: Trainer, info: distributed.DistInfo, device: torch.device) -> None:

@@ -25,7 +25,9 @@ class TrainConfig:
 
     `batch_size` is the global batch (all processes together), so a schedule means the same on
     one GPU or eight. The defaults are the paper's: SGD momentum 0.9, weight decay 5e-4, batch 32,
-    5 warm-up epochs, lr 2e-3, x0.1 at epochs 90 and 120, 150 epochs.
+    5 warm-up epochs, lr 2e-3, x0.1 at epochs 90 and 120, 150 epochs, every addition off. They
+    stay so (a resumed run's stored settings lack the fields added after it, which must mean
+    "off"); the recipe `m2det train` starts from is `DEFAULT_PRESET`.
     """
 
     epochs: int = 150
@@ -148,23 +150,17 @@ class TrainConfig:
             raise ValueError(f"train.box_loss_weight must be > 0, got {self.box_loss_weight}")
         if self.matcher not in MATCHERS:
             raise ValueError(f"train.matcher must be one of {MATCHERS}, got {self.matcher!r}")
-        if isinstance(self.atss_topk, bool) or not isinstance(self.atss_topk, int) or self.atss_topk < 1:
+        if not _whole(self.atss_topk) or self.atss_topk < 1:
             raise ValueError(f"train.atss_topk must be a whole number >= 1, got {self.atss_topk!r}")
 
     def _validate_mixing(self) -> None:
         for name in ("mosaic", "mixup"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"train.{name} must be a probability in [0, 1], got {getattr(self, name)}")
-        if (
-            isinstance(self.close_mosaic, bool)
-            or not isinstance(self.close_mosaic, int)
-            or self.close_mosaic < 0
-        ):
+        if not _whole(self.close_mosaic) or self.close_mosaic < 0:
             raise ValueError(f"train.close_mosaic must be a number of epochs >= 0, got {self.close_mosaic!r}")
         sizes = self.multiscale_sizes
-        if not isinstance(sizes, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 32 and v % 32 == 0 for v in sizes
-        ):
+        if not isinstance(sizes, list) or not all(_whole(v) and v >= 32 and v % 32 == 0 for v in sizes):
             raise ValueError(
                 f"train.multiscale_sizes must be a list of input sizes that are multiples of 32, e.g. "
                 f"[256, 320, 384], got {sizes!r}"
@@ -259,6 +255,11 @@ class TrainConfig:
             return cls.from_dict(data.get("train") or {})
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"{where}: {exc}") from None
+
+
+def _whole(value: Any) -> bool:
+    """An int that is not a bool (YAML's `true` would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # The paper's recipe, spelled out so that it stays the paper's whatever the field defaults become:
