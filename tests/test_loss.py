@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import box_convert
 
 import m2det
 from m2det.boxes.coder import BoxCoder
 from m2det.boxes.loss import MultiBoxLoss
-from m2det.boxes.matcher import AnchorMatcher
+from m2det.boxes.matcher import AnchorMatcher, ATSSMatcher
 
 # ----- an independent reference: plain numpy, one anchor at a time -----
 
@@ -117,18 +119,34 @@ HAND_ANCHORS = torch.tensor(
 )
 
 
-def test_hand_worked_case():
-    targets = [
-        # IoU with anchor 0 is 0.2 / 0.25 = 0.8; with anchor 3, 0.25 / 0.3025 = 0.83
-        {
-            "boxes": torch.tensor([[0.0, 0.0, 0.5, 0.4], [0.45, 0.45, 1.0, 1.0]]),
-            "labels": torch.tensor([1, 2]),
-        },
-        # best IoU 0.06 / 0.25 = 0.24 (anchor 1): positive only because it is forced
-        {"boxes": torch.tensor([[0.6, 0.0, 0.9, 0.2]]), "labels": torch.tensor([3])},
+HAND_TARGETS = [
+    # IoU with anchor 0 is 0.2 / 0.25 = 0.8; with anchor 3, 0.25 / 0.3025 = 0.83
+    {
+        "boxes": torch.tensor([[0.0, 0.0, 0.5, 0.4], [0.45, 0.45, 1.0, 1.0]]),
+        "labels": torch.tensor([1, 2]),
+    },
+    # best IoU 0.06 / 0.25 = 0.24 (anchor 1): positive only because it is forced
+    {"boxes": torch.tensor([[0.6, 0.0, 0.9, 0.2]]), "labels": torch.tensor([3])},
+]
+HAND_MATCHED = [[1, 0, 0, 2, 0, 0], [0, 3, 0, 0, 0, 0]]
+HAND_LOGITS = torch.tensor(
+    [
+        [[0.3, 1.2, -0.4, 0.1], [1.0, 0.0, 0.5, -1.0], [0.2, 0.2, 0.2, 0.9],
+         [-0.3, 0.1, 2.0, 0.0], [0.0, -0.5, 0.4, 0.3], [1.5, 0.3, 0.3, -0.2]],
+        # background losses of the negatives: 0.34, 1.74, 0.74, 3.28, 1.54 -> anchors 4, 2, 5
+        [[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0],
+         [1.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.5]],
     ]
+)  # fmt: skip
+# the anchors whose cross-entropy counts: image 0's 2 positives want 6 negatives, capped at
+# A - 1 = 5, so all 4 negatives count; image 1's positive, and its 3 highest background losses
+HAND_COUNTED = [(0, a) for a in range(6)] + [(1, 1), (1, 4), (1, 2), (1, 5)]
+
+
+def test_hand_worked_case():
+    targets = HAND_TARGETS
     matched = match_labels(targets, HAND_ANCHORS)
-    assert matched.tolist() == [[1, 0, 0, 2, 0, 0], [0, 3, 0, 0, 0, 0]]
+    assert matched.tolist() == HAND_MATCHED
 
     # encoded targets by hand: ((cx - acx) / (0.1 aw), (cy - acy) / (0.1 ah), log(w / aw) / 0.2, ...)
     target_0_0 = np.array([0.0, -1.0, 0.0, math.log(0.8) / 0.2])
@@ -146,21 +164,9 @@ def test_hand_worked_case():
     ]
     expected_box = sum(np_smooth_l1(d) for d in diffs) / 3
 
-    logits = torch.tensor(
-        [
-            [[0.3, 1.2, -0.4, 0.1], [1.0, 0.0, 0.5, -1.0], [0.2, 0.2, 0.2, 0.9],
-             [-0.3, 0.1, 2.0, 0.0], [0.0, -0.5, 0.4, 0.3], [1.5, 0.3, 0.3, -0.2]],
-            # background losses of the negatives: 0.34, 1.74, 0.74, 3.28, 1.54 -> anchors 4, 2, 5
-            [[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0],
-             [1.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.5]],
-        ]
-    )  # fmt: skip
+    logits = HAND_LOGITS
     rows = logits.double().numpy()
-    # image 0: 2 positives want 6 negatives, capped at A - 1 = 5, so all 4 negatives count
-    image_0 = sum(np_cross_entropy(rows[0, a], label) for a, label in enumerate([1, 0, 0, 2, 0, 0]))
-    # image 1: 1 positive, 3 negatives: the three highest background losses
-    image_1 = np_cross_entropy(rows[1, 1], 3) + sum(np_cross_entropy(rows[1, a], 0) for a in (4, 2, 5))
-    expected_cls = (image_0 + image_1) / 3
+    expected_cls = sum(np_cross_entropy(rows[i, a], HAND_MATCHED[i][a]) for i, a in HAND_COUNTED) / 3
 
     losses = MultiBoxLoss(BoxCoder((0.1, 0.2)))(loc, logits, HAND_ANCHORS, targets)
     assert losses["loss_box"].item() == pytest.approx(expected_box, abs=1e-5)
@@ -344,3 +350,192 @@ def test_model_train_mode_returns_losses_and_sgd_reduces_them():
         optimizer.step()
         totals.append(total.item())
     assert totals[-1] < totals[0]
+
+
+# ----- options beside the paper's loss -----
+
+
+def test_label_smoothing_by_hand_and_against_torch():
+    smoothing = 0.1
+    loc = torch.zeros(2, 6, 4)
+    losses = MultiBoxLoss(BoxCoder(), label_smoothing=smoothing)(loc, HAND_LOGITS, HAND_ANCHORS, HAND_TARGETS)
+    rows = HAND_LOGITS.double().numpy()
+
+    def smoothed(row: np.ndarray, label: int) -> float:  # (1 - e) CE(label) + e * mean over classes of CE(c)
+        uniform = np.mean([np_cross_entropy(row, c) for c in range(len(row))])
+        return (1 - smoothing) * np_cross_entropy(row, label) + smoothing * uniform
+
+    by_hand = sum(smoothed(rows[i, a], HAND_MATCHED[i][a]) for i, a in HAND_COUNTED) / 3
+    counted = torch.stack([HAND_LOGITS[i, a] for i, a in HAND_COUNTED]).double()
+    labels = torch.tensor([HAND_MATCHED[i][a] for i, a in HAND_COUNTED])
+    torch_value = F.cross_entropy(counted, labels, label_smoothing=smoothing, reduction="sum").item() / 3
+    assert by_hand == pytest.approx(torch_value, rel=1e-12)
+    assert losses["loss_cls"].item() == pytest.approx(by_hand, abs=1e-5)
+    # the same anchors count (mining ranks by the plain background loss) and the box loss is untouched
+    plain = MultiBoxLoss(BoxCoder())(loc, HAND_LOGITS, HAND_ANCHORS, HAND_TARGETS)
+    assert torch.equal(losses["loss_box"], plain["loss_box"])
+    assert losses["loss_cls"].item() != pytest.approx(plain["loss_cls"].item())
+
+
+# the positives of the hand-worked case: (image, anchor) -> (anchor xyxy, matched box)
+HAND_PAIRS = [
+    ([0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.5, 0.4]),  # IoU 0.8, enclosing box = the anchor
+    ([0.5, 0.5, 1.0, 1.0], [0.45, 0.45, 1.0, 1.0]),  # IoU 0.25 / 0.3025, enclosing = the box
+    ([0.5, 0.0, 1.0, 0.5], [0.6, 0.0, 0.9, 0.2]),  # IoU 0.06 / 0.25 = 0.24, enclosing = the anchor
+]
+
+
+def _iou_terms_by_hand() -> dict[str, list[float]]:
+    iou = [0.8, 0.25 / 0.3025, 0.24]
+    giou = [1 - iou[0], 1 - iou[1], 1 - iou[2]]  # the enclosing box is the union in each pair
+    # centre distance^2 over the enclosing box's diagonal^2
+    diou = [giou[0] + 0.05**2 / 0.5, giou[1] + 2 * 0.025**2 / (2 * 0.55**2), giou[2] + 0.15**2 / 0.5]
+    # aspect term: v = 4 / pi^2 (atan(w_gt / h_gt) - atan(w / h))^2 (every anchor is square),
+    # weighted by alpha = v / (1 - IoU + v)
+    v = [4 / math.pi**2 * (math.atan(r) - math.pi / 4) ** 2 for r in (0.5 / 0.4, 1.0, 0.3 / 0.2)]
+    ciou = [d + vi / (1 - i + vi) * vi for d, vi, i in zip(diou, v, iou)]
+    return {"giou": giou, "diou": diou, "ciou": ciou}
+
+
+@pytest.mark.parametrize("kind", ["giou", "diou", "ciou"])
+def test_iou_box_losses_by_hand(kind):
+    loc = torch.full((2, 6, 4), 1e3)  # background anchors decode to inf: they must not reach the loss
+    for i, a in ((0, 0), (0, 3), (1, 1)):
+        loc[i, a] = 0.0  # a zero offset decodes to the anchor itself
+    loc.requires_grad_(True)
+    decoded = BoxCoder().decode(torch.zeros(3, 4), HAND_ANCHORS[[0, 3, 1]])
+    assert decoded.tolist() == [anchor for anchor, _ in HAND_PAIRS]
+    losses = MultiBoxLoss(BoxCoder(), box_loss=kind, box_loss_weight=2.0)(
+        loc, HAND_LOGITS, HAND_ANCHORS, HAND_TARGETS
+    )
+    expected = 2.0 * sum(_iou_terms_by_hand()[kind]) / 3
+    assert losses["loss_box"].item() == pytest.approx(expected, abs=1e-5)
+    (losses["loss_box"] + losses["loss_cls"]).backward()
+    assert torch.isfinite(loc.grad).all() and loc.grad[0, 0].abs().sum() > 0
+    assert loc.grad[0, 1].abs().sum() == 0  # background
+
+
+def test_loss_options_are_checked():
+    with pytest.raises(ValueError, match="box_loss must be one of"):
+        MultiBoxLoss(BoxCoder(), box_loss="iou")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        MultiBoxLoss(BoxCoder(), label_smoothing=1.0)
+    with pytest.raises(ValueError, match="needs the number of anchors of each pyramid level"):
+        MultiBoxLoss(BoxCoder(), matcher=ATSSMatcher(3))(*random_case(0)[:3], random_case(0)[3])
+
+
+# ----- ATSS -----
+
+
+def grid_anchors(*levels: tuple[int, float]) -> torch.Tensor:
+    """One square anchor per cell of an n x n grid per level (cx, cy, w, h), row-major as M2Det's."""
+    out = []
+    for n, side in levels:
+        for row in range(n):
+            for col in range(n):
+                out.append([(col + 0.5) * side, (row + 0.5) * side, side, side])
+    return torch.tensor(out, dtype=torch.float64).float()
+
+
+def test_atss_hand_worked_case():
+    # level 0: 4 x 4 cells of 0.25 (anchors 0-15), level 1: 2 x 2 of 0.5 (anchors 16-19); top 3 per level
+    anchors = grid_anchors((4, 0.25), (2, 0.5))
+    box_1 = [0.0, 0.0, 0.3, 0.4]  # centre (0.15, 0.2), area 0.12
+    # nearest centres: level 0 anchors 0, 4, 1; level 1 anchors 16, 18, 17. IoUs by hand:
+    # a0 [0,0,.25,.25] 0.0625 / 0.12; a4 [0,.25,.25,.5] 0.0375 / 0.145; a1 [.25,0,.5,.25] 0.0125 / 0.17;
+    # a16 [0,0,.5,.5] 0.12 / 0.25; a18, a17 0
+    ious_1 = [0.0625 / 0.12, 0.0375 / 0.145, 0.0125 / 0.17, 0.48, 0.0, 0.0]
+    threshold_1 = statistics.mean(ious_1) + statistics.stdev(ious_1)  # 0.458
+    assert [i >= threshold_1 for i in ious_1] == [True, False, False, True, False, False]
+    box_2 = [0.0, 0.25, 0.45, 0.6]  # centre (0.225, 0.425), area 0.1575
+    # nearest: a4, a5, a8; a16, a18, a17. a4 [0,.25,.25,.5] 0.0625 / 0.1575; a5 [.25,.25,.5,.5]
+    # 0.05 / 0.17; a8 [0,.5,.25,.75] 0.025 / 0.195; a16 0.1125 / 0.295; a18 0.045 / 0.3625; a17 0
+    ious_2 = [0.0625 / 0.1575, 0.05 / 0.17, 0.025 / 0.195, 0.1125 / 0.295, 0.045 / 0.3625, 0.0]
+    threshold_2 = statistics.mean(ious_2) + statistics.stdev(ious_2)  # 0.381
+    # a4 and a16 pass, but a16's centre (0.25, 0.25) lies on the box's edge, not inside
+    assert [i >= threshold_2 for i in ious_2] == [True, False, False, True, False, False]
+    box_3 = [0.26, 0.26, 0.3, 0.3]  # no candidate centre inside: it gets its best-IoU anchor, a5
+    boxes = [torch.tensor([box_1, box_2]), torch.tensor([box_2, box_3])]
+    labels = [torch.tensor([1, 2]), torch.tensor([2, 3])]
+    xyxy = box_convert(anchors, "cxcywh", "xyxy")
+    matched_boxes, matched = ATSSMatcher(3)(boxes, labels, xyxy, [16, 4])
+    expected = torch.zeros(2, 20, dtype=torch.int64)
+    expected[0, [0, 16]], expected[0, 4] = 1, 2
+    expected[1, 4], expected[1, 5] = 2, 3
+    assert torch.equal(matched, expected)
+    assert matched_boxes[0, 16].tolist() == pytest.approx(box_1) and matched_boxes[
+        1, 5
+    ].tolist() == pytest.approx(box_3)
+    # the 0.5-IoU rule differs: a16 (IoU 0.48) stays background, and box 2 only gets its forced best anchor
+    _, by_iou = AnchorMatcher(0.5)(boxes, labels, xyxy)
+    assert by_iou[0].nonzero().flatten().tolist() == [0, 4]
+
+
+def reference_atss(boxes: np.ndarray, anchors_xyxy: np.ndarray, levels: list[int], topk: int) -> list[int]:
+    """The truth index of every anchor (-1: background), one box and one anchor at a time."""
+    centres = (anchors_xyxy[:, :2] + anchors_xyxy[:, 2:]) / 2
+    ious = np.array([[np_iou(b, a) for a in anchors_xyxy] for b in boxes]).reshape(
+        len(boxes), len(anchors_xyxy)
+    )
+    positive = np.zeros_like(ious, dtype=bool)
+    for j, box in enumerate(boxes):
+        centre = (box[:2] + box[2:]) / 2
+        candidates, start = [], 0
+        for size in levels:
+            order = sorted(
+                range(start, start + size), key=lambda a: float(((centres[a] - centre) ** 2).sum())
+            )
+            candidates += order[:topk]
+            start += size
+        values = [ious[j, a] for a in candidates]
+        threshold = statistics.mean(values) + statistics.stdev(values)
+        for a in candidates:
+            inside = box[0] < centres[a, 0] < box[2] and box[1] < centres[a, 1] < box[3]
+            positive[j, a] = ious[j, a] >= threshold and inside
+        if not positive[j].any():
+            positive[j, int(np.argmax(ious[j]))] = True
+    return [int(np.argmax(np.where(positive[:, a], ious[:, a], -1))) if positive[:, a].any() else -1
+            for a in range(len(anchors_xyxy))]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_atss_matches_the_loop_reference_on_random_cases(seed):
+    gen = torch.Generator().manual_seed(seed)
+    levels = [60, 30, 10]
+    centres = torch.rand(100, 2, generator=gen, dtype=torch.float64)
+    sides = torch.cat([torch.full((n, 2), s, dtype=torch.float64) for n, s in zip(levels, (0.1, 0.25, 0.5))])
+    anchors = box_convert(
+        torch.cat([centres, sides * (0.8 + 0.4 * torch.rand(100, 2, generator=gen))], 1), "cxcywh", "xyxy"
+    )
+    _, _, _, targets = random_case(seed, num_images=3, max_boxes=6)
+    boxes = [t["boxes"].double() for t in targets]
+    matched_boxes, matched = ATSSMatcher(4)(boxes, [t["labels"] for t in targets], anchors, levels)
+    for i, target in enumerate(targets):
+        truth = reference_atss(boxes[i].numpy(), anchors.numpy(), levels, 4)
+        labels = target["labels"].tolist()
+        assert matched[i].tolist() == [labels[j] if j >= 0 else 0 for j in truth], i
+        for a, j in enumerate(truth):
+            if j >= 0:
+                assert torch.equal(matched_boxes[i, a], boxes[i][j])
+
+
+def test_model_trains_with_the_modern_loss():
+    from m2det.engine.train_config import get_train_config
+    from train_helpers import SIZE, tiny_model
+
+    model = tiny_model().train()
+    model.loss_fn = get_train_config("modern").build_loss(model)
+    assert isinstance(model.loss_fn.matcher, ATSSMatcher) and model.loss_fn.matcher.topk == 9 * 6
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, SIZE, SIZE), generator=gen, dtype=torch.uint8) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+        {
+            "boxes": torch.tensor([[30.0, 20.0, 60.0, 50.0], [5.0, 5.0, 20.0, 15.0]]),
+            "labels": torch.tensor([2, 1]),
+        },
+    ]
+    losses = model(images, targets)  # the model hands the loss its anchors per pyramid level
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    levels = model.anchor_level_sizes(SIZE)
+    assert len(levels) == model.config.mlfpn.num_scales and sum(levels) == len(model.anchors(SIZE))

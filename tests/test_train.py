@@ -24,7 +24,7 @@ from m2det.engine.train import Trainer, TrainingDiverged
 from m2det.engine.train_config import TrainConfig, get_train_config
 from m2det.io.checkpoint import load_weights, read_metadata
 from m2det.io.torchfile import atomic_path, is_temporary
-from train_helpers import ToyBoxes, tiny_model, weights
+from train_helpers import ToyBoxes, tiny_cli_data, tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -403,18 +403,9 @@ def test_train_cli_end_to_end(tmp_path):
     from typer.testing import CliRunner
 
     from m2det.cli.main import app
-    from m2det.data.synthetic import ShapesConfig, generate_shapes_dataset
     from m2det.io.checkpoint import read_config
 
-    shapes = ShapesConfig(width=64, height=64, classes=("circle", "square"), size_range=(0.3, 0.6), clutter=0)
-    data = generate_shapes_dataset(tmp_path / "shapes", num_train=8, num_val=4, config=shapes)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "model:\n  preset: m2det_tiny\n  input_size: 64\n  backbone: {width: 16}\n"
-        "  mlfpn: {num_scales: 3, planes: 32, shallow_out: 32, deep_out: 64}\n"
-        "  anchors: {steps: null, size_pattern: [0.2, 0.4, 0.7, 1.0]}\n"
-        "train:\n  preset: paper\n  batch_size: 4\n  workers: 0\n"
-    )
+    data, config = tiny_cli_data(tmp_path, "train:\n  preset: paper\n  batch_size: 4\n  workers: 0\n")
     args = ["train", "--data", str(data.train.annotations), "--val-data", str(data.val.annotations)]
     args += ["--config", str(config), "--set", "train.epochs=1", "--set", "lr=0.01", "--device", "cpu"]
     args += ["--project", str(tmp_path / "runs"), "--quiet"]

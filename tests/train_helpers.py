@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,3 +84,19 @@ class ToyBoxes(torch.utils.data.Dataset):
 
 def weights(model: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def tiny_cli_data(tmp_path: Path, train_section: str) -> tuple[Any, Path]:
+    """A generated shapes data set (8 training, 4 validation images of 64 pixels, two classes) and
+    a config file for `m2det train`: the tiny model of `tiny_model` and `train_section` (YAML lines)."""
+    from m2det.data.synthetic import ShapesConfig, generate_shapes_dataset
+
+    shapes = ShapesConfig(width=64, height=64, classes=("circle", "square"), size_range=(0.3, 0.6), clutter=0)
+    data = generate_shapes_dataset(tmp_path / "shapes", num_train=8, num_val=4, config=shapes)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n  preset: m2det_tiny\n  input_size: 64\n  backbone: {width: 16}\n"
+        "  mlfpn: {num_scales: 3, planes: 32, shallow_out: 32, deep_out: 64}\n"
+        "  anchors: {steps: null, size_pattern: [0.2, 0.4, 0.7, 1.0]}\n" + train_section
+    )
+    return data, config

@@ -50,6 +50,12 @@ def train(
         help="Start from a trained detector: our .safetensors or an official .pth (with --preset); "
         "any classes (the class rows are mapped by name). See docs/train.md.",
     ),
+    time_limit: Optional[float] = typer.Option(
+        None,
+        "--time",
+        help="Train for this many minutes (train.time_limit_min): the schedule of train.epochs epochs, "
+        "warm-up and decay, is fitted to the time, which ends the run.",
+    ),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue a run exactly: its folder (or a file in it)."
     ),
@@ -78,6 +84,8 @@ def train(
     from m2det.models import build_model
 
     model_overrides, train_overrides = split_overrides(parse_overrides(overrides))
+    if time_limit is not None:
+        train_overrides["time_limit_min"] = time_limit
     info, _ = distributed.setup(device)
     try:
         if resume is not None and weights is not None:
@@ -86,9 +94,9 @@ def train(
                 "a trained detector: they cannot be combined"
             )
         if resume is not None:
-            if overrides or config is not None or backbone_weights is not None:
+            if overrides or config is not None or backbone_weights is not None or time_limit is not None:
                 raise ValueError(
-                    "--resume continues a run with its own settings; --config, --set and "
+                    "--resume continues a run with its own settings; --config, --set, --time and "
                     "--backbone-weights cannot change it (start a new run instead)"
                 )
             run_dir = resolve_resume(resume)
@@ -226,12 +234,21 @@ def load_configs(
     Starting from a trained detector (`checkpoint`, see `m2det.io.transfer`), the model is the
     checkpoint's own unless the file or `preset` names one (for an official checkpoint `preset` is
     what it was trained as), and the training settings start from the `finetune` preset unless the
-    file has a `train:` section.
+    file has a `train:` section. A `preset` among the training overrides (`--set train.preset=NAME`)
+    replaces the file's `train: preset:`; the file's other training fields still apply.
     """
     from m2det.config import ModelConfig, get_config, read_yaml_mapping, with_overrides
-    from m2det.engine.train_config import TrainConfig, get_train_config, with_train_overrides
+    from m2det.engine.train_config import (
+        DEFAULT_PRESET,
+        TrainConfig,
+        get_train_config,
+        with_train_overrides,
+    )
 
     data = read_yaml_mapping(path) if path is not None else {}
+    train_section = data.get("train") or {}
+    if "preset" in train_overrides:  # `--set train.preset=NAME` as if the file's train: said so
+        train_section = {**train_section, "preset": train_overrides.pop("preset")}
     has_model = bool(data) and ("model" in data or "train" not in data)
     base = ModelConfig.from_mapping(data, path) if has_model else None
     try:
@@ -243,10 +260,10 @@ def load_configs(
             model_config = finetune_config(checkpoint, base, **model_overrides)
         else:
             model_config = with_overrides(base or get_config(preset or "m2det320_vgg16"), **model_overrides)
-        if data.get("train"):
-            train_config = TrainConfig.from_mapping(data, path)
+        if train_section:
+            train_config = TrainConfig.from_mapping({"train": train_section}, path or "--set")
         else:
-            train_config = get_train_config("finetune" if checkpoint is not None else "paper")
+            train_config = get_train_config("finetune" if checkpoint is not None else DEFAULT_PRESET)
         train_config = with_train_overrides(train_config, **train_overrides)
     except (TypeError, KeyError) as exc:
         raise ValueError(f"--set: {exc}") from None

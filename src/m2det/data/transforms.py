@@ -315,3 +315,147 @@ def build_eval_transform(input_size: int) -> v2.Transform:
     if input_size <= 0:
         raise ValueError(f"input_size must be positive, got {input_size}")
     return v2.Resize((input_size, input_size), interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+
+
+# ----- mixing samples: mosaic and mixup (beside the SSD pipeline; see `MosaicMixup`) -----
+
+Sample = tuple[tv_tensors.Image, dict[str, Any]]
+
+# The mosaic centre is drawn in this fraction of the side, so every tile shows at least a quarter
+# of its width and height (ultralytics draws it over the whole side and lets slivers happen).
+MOSAIC_CENTRE_RANGE: tuple[float, float] = (0.25, 0.75)
+# A box cut by the mosaic is kept when at least this fraction of its area stays visible.
+MOSAIC_MIN_VISIBLE = 0.25
+# Mixup blends with a ratio drawn from Beta(32, 32), about 0.5 (ultralytics' choice).
+MIXUP_BETA = 32.0
+
+
+def mosaic(
+    samples: Sequence[Sample],
+    centre: tuple[int, int],
+    min_visible: float = MOSAIC_MIN_VISIBLE,
+    min_size: float = 1.0,
+) -> Sample:
+    """Four S x S samples as one S x S image split at `centre` (x, y): sample 0 fills the top-left
+    part with its bottom-right corner, sample 1 the top-right with its bottom-left, sample 2 the
+    bottom-left with its top-right, sample 3 the bottom-right with its top-left (as ultralytics'
+    mosaic, without the extra scaling). Each tile's boxes move with it and are clipped to its part;
+    a box keeps when at least `min_visible` of its area and `min_size` pixels of width and height
+    remain. Labels (and crowd flags, when every sample has them) follow their boxes; the other
+    target fields are sample 0's.
+    """
+    if len(samples) != 4:
+        raise ValueError(f"a mosaic takes 4 samples, got {len(samples)}")
+    shapes = {tuple(image.shape) for image, _ in samples}
+    if len(shapes) != 1 or next(iter(shapes))[1] != next(iter(shapes))[2]:
+        raise ValueError(f"a mosaic needs four square images of one size, got {sorted(shapes)}")
+    side = next(iter(shapes))[1]
+    cx, cy = centre
+    if not (0 < cx < side and 0 < cy < side):
+        raise ValueError(f"the mosaic centre {centre} must lie inside the {side} x {side} image")
+    # per tile: its part of the output (x0, y0, x1, y1) and the shift from tile to output pixels
+    parts = [
+        ((0, 0, cx, cy), (cx - side, cy - side)),
+        ((cx, 0, side, cy), (cx, cy - side)),
+        ((0, cy, cx, side), (cx - side, cy)),
+        ((cx, cy, side, side), (cx, cy)),
+    ]
+    out = torch.empty(shapes.pop(), dtype=samples[0][0].dtype)
+    boxes, kept = [], []
+    for (image, target), ((x0, y0, x1, y1), (dx, dy)) in zip(samples, parts):
+        out[:, y0:y1, x0:x1] = image.as_subclass(Tensor)[:, y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+        moved = _xyxy(target["boxes"]).float().reshape(-1, 4) + torch.tensor([dx, dy, dx, dy])
+        low, high = torch.tensor([x0, y0, x0, y0]), torch.tensor([x1, y1, x1, y1])
+        clipped = torch.minimum(torch.maximum(moved, low), high)
+        size, whole = clipped[:, 2:] - clipped[:, :2], moved[:, 2:] - moved[:, :2]
+        keep = (size >= min_size).all(1) & (size.prod(1) >= min_visible * whole.prod(1))
+        boxes.append(clipped[keep])
+        kept.append(keep)
+    fields = _per_box_keys(samples)
+    merged = {
+        **samples[0][1],
+        "boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(side, side)),
+        **{key: torch.cat([t[key][k] for (_, t), k in zip(samples, kept)]) for key in fields},
+    }
+    if "iscrowd" in samples[0][1] and "iscrowd" not in fields:
+        del merged["iscrowd"]
+    return tv_tensors.Image(out), merged
+
+
+def mixup(first: Sample, second: Sample, ratio: float) -> Sample:
+    """`ratio * first + (1 - ratio) * second`, rounded to uint8, with the boxes of both (as ultralytics'
+    mixup: the labels are the union, the loss does not weigh them by the ratio)."""
+    (image_a, target_a), (image_b, target_b) = first, second
+    if image_a.shape != image_b.shape:
+        raise ValueError(
+            f"mixup needs images of one size, got {tuple(image_a.shape)} and {tuple(image_b.shape)}"
+        )
+    blend = ratio * image_a.as_subclass(Tensor).float() + (1.0 - ratio) * image_b.as_subclass(Tensor).float()
+    boxes = torch.cat([_xyxy(target_a["boxes"]).reshape(-1, 4), _xyxy(target_b["boxes"]).reshape(-1, 4)])
+    merged = {
+        **target_a,
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image_a.shape[-2:])),
+        **{key: torch.cat([target_a[key], target_b[key]]) for key in _per_box_keys([first, second])},
+    }
+    if "iscrowd" in target_a and "iscrowd" not in target_b:
+        del merged["iscrowd"]
+    return tv_tensors.Image(blend.round().clamp(0, 255).to(image_a.dtype)), merged
+
+
+def _per_box_keys(samples: Sequence[Sample]) -> list[str]:
+    """The per-box target fields every sample has: labels, and crowd flags where all have them."""
+    return [key for key in ("labels", "iscrowd") if all(key in target for _, target in samples)]
+
+
+class MosaicMixup(torch.utils.data.Dataset):
+    """Training samples of `dataset` (already at the square input, e.g. through `TrainTransform`)
+    mixed as ultralytics' pipeline does: with probability `mosaic` a sample is the `mosaic` of it
+    and three others drawn at random, then with probability `mixup` it is blended (`mixup`) with
+    another such sample. `enabled = False` (close-mosaic, the last epochs) passes samples through.
+
+    Every draw comes from torch's global generator, as the SSD pipeline's, so a seed fixes the
+    samples (see `m2det.data.loader`).
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        mosaic: float = 1.0,
+        mixup: float = 0.0,
+        min_box_fraction: float = 0.01,
+    ) -> None:
+        for name, value in (("mosaic", mosaic), ("mixup", mixup), ("min_box_fraction", min_box_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"MosaicMixup.{name} must be a probability in [0, 1], got {value}")
+        self.dataset = dataset
+        self.mosaic_probability = float(mosaic)
+        self.mixup_probability = float(mixup)
+        self.min_box_fraction = float(min_box_fraction)
+        self.enabled = True
+
+    @property
+    def class_names(self) -> Any:
+        return getattr(self.dataset, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Sample:
+        if not self.enabled:
+            return self.dataset[index]
+        sample = self._maybe_mosaic(index)
+        if self.mixup_probability and float(torch.rand(())) < self.mixup_probability:
+            other = self._maybe_mosaic(int(torch.randint(len(self), ())))
+            ratio = float(torch.distributions.Beta(MIXUP_BETA, MIXUP_BETA).sample())
+            sample = mixup(sample, other, ratio)
+        return sample
+
+    def _maybe_mosaic(self, index: int) -> Sample:
+        if not (self.mosaic_probability and float(torch.rand(())) < self.mosaic_probability):
+            return self.dataset[index]
+        others = torch.randint(len(self), (3,)).tolist()
+        samples = [self.dataset[i] for i in (index, *others)]
+        side = samples[0][0].shape[-1]
+        low, high = (int(f * side) for f in MOSAIC_CENTRE_RANGE)
+        centre = (int(torch.randint(low, high + 1, ())), int(torch.randint(low, high + 1, ())))
+        return mosaic(samples, centre, min_size=max(1.0, self.min_box_fraction * side))

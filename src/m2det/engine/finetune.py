@@ -24,8 +24,33 @@ def lr_mult_of(name: str, lr_mults: dict[str, float]) -> float:
     return 1.0 if best is None else float(lr_mults[best])
 
 
-def parameter_groups(model: nn.Module, lr_mults: dict[str, float]) -> list[dict[str, Any]]:
-    """Optimiser parameter groups, one per multiplier (the full rate first), each with its `lr_mult`.
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that weight decay should spare: biases and normalisation layers' scales.
+
+    Decaying a BatchNorm scale or a bias towards zero does not regularise the function (BatchNorm
+    undoes any scale of the layer before it) and only fights the fit; detectors commonly exempt them.
+    """
+    names = {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
+    for prefix, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            names.update(f"{prefix}.{name}" if prefix else name for name, _ in module.named_parameters())
+    return names
+
+
+def parameter_groups(
+    model: nn.Module, lr_mults: dict[str, float], no_decay_norm_bias: bool = False
+) -> list[dict[str, Any]]:
+    """Optimiser parameter groups, one per (multiplier, decay) pair (the full rate first), each with
+    its `lr_mult`; with `no_decay_norm_bias`, the parameters of `no_decay_names` go to groups of
+    `weight_decay` 0 (placed after the decayed group of the same multiplier).
 
     A prefix that names no parameter is an error (a typo would otherwise silently train at full rate).
     """
@@ -37,11 +62,15 @@ def parameter_groups(model: nn.Module, lr_mults: dict[str, float]) -> list[dict[
             f"train.lr_mults: {unknown} match no parameter of the model; prefixes are module paths "
             f"such as {', '.join(tops)}, head.conf, mlfpn.tums.0"
         )
-    groups: dict[float, list[nn.Parameter]] = {}
+    spared = no_decay_names(model) if no_decay_norm_bias else set()
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in named:
-        groups.setdefault(lr_mult_of(name, lr_mults), []).append(param)
-    order = sorted(groups, key=lambda m: (m != 1.0, -m))
-    return [{"params": groups[m], "lr_mult": m} for m in order]
+        groups.setdefault((lr_mult_of(name, lr_mults), name in spared), []).append(param)
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, -key[0], key[1]))
+    return [
+        {"params": groups[key], "lr_mult": key[0], **({"weight_decay": 0.0} if key[1] else {})}
+        for key in order
+    ]
 
 
 def backbone_frozen(config: TrainConfig, epoch: int) -> bool:

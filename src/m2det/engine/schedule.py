@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -69,11 +70,19 @@ class LRSchedule:
         return self.lr * self.gamma**passed
 
 
-def build_scheduler(optimizer: Optimizer, schedule: LRSchedule, steps_per_epoch: int) -> LambdaLR:
+def build_scheduler(
+    optimizer: Optimizer,
+    schedule: LRSchedule,
+    steps_per_epoch: int,
+    budget_spent: Optional[Callable[[], float]] = None,
+) -> LambdaLR:
     """A per-iteration scheduler for `optimizer`; each group runs at `schedule` times its `lr_mult` (1 if unset).
 
-    Its state dict holds plain numbers only (the rate is recomputed from `last_epoch`, the
-    iteration count), so it round-trips through a `weights_only` checkpoint.
+    The rate follows the iteration count, or with `budget_spent` (the fraction of a time budget
+    spent, 0 to 1) the time: the whole schedule of `schedule.epochs` epochs, warm-up and decay,
+    is then stretched or squeezed onto the budget. Its state dict holds plain numbers only (the
+    rate is recomputed from `last_epoch`, the iteration count, or from the budget), so it
+    round-trips through a `weights_only` checkpoint.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
@@ -81,6 +90,33 @@ def build_scheduler(optimizer: Optimizer, schedule: LRSchedule, steps_per_epoch:
         group["lr"] = schedule.lr * group.get("lr_mult", 1.0)
 
     def factor(step: int) -> float:
-        return schedule.lr_at(step / steps_per_epoch) / schedule.lr
+        epoch = step / steps_per_epoch if budget_spent is None else schedule.epochs * budget_spent()
+        return schedule.lr_at(epoch) / schedule.lr
 
     return LambdaLR(optimizer, factor)
+
+
+class TimeBudget:
+    """A run's wall-clock budget in seconds, counted over all its `fit` calls.
+
+    `spent_before` is what earlier calls used (saved in the checkpoint), so a resumed run goes on
+    with what is left; `clock` is the time source (a fake one in tests).
+    """
+
+    def __init__(
+        self, seconds: float, clock: Callable[[], float] = time.perf_counter, spent_before: float = 0.0
+    ) -> None:
+        if not seconds > 0:
+            raise ValueError(f"a time budget must be > 0 seconds, got {seconds}")
+        self.seconds = float(seconds)
+        self.clock = clock
+        self.spent_before = float(spent_before)
+        self.started = clock()
+
+    def elapsed(self) -> float:
+        """Seconds used so far, this call and the earlier ones."""
+        return self.spent_before + self.clock() - self.started
+
+    def fraction(self, elapsed: float) -> float:
+        """`elapsed` seconds as a fraction of the budget, at most 1."""
+        return min(max(elapsed, 0.0) / self.seconds, 1.0)

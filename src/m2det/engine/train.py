@@ -16,10 +16,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Sized
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from m2det.engine import distributed
+from m2det.engine.callbacks import EMA, Callback, CloseMosaic, EarlyStopping
 from m2det.engine.checkpoint_state import (
     LAST_MODEL,
     capture_rng_state,
@@ -38,7 +39,7 @@ from m2det.engine.checkpoint_state import (
     save_checkpoint,
 )
 from m2det.engine.finetune import parameter_groups, prepare_epoch
-from m2det.engine.schedule import build_scheduler
+from m2det.engine.schedule import TimeBudget, build_scheduler
 from m2det.engine.train_config import TrainConfig
 from m2det.io.checkpoint import load_weights, save_model
 from m2det.io.torchfile import atomic_path
@@ -52,13 +53,12 @@ TENSORBOARD_DIR = "tensorboard"
 CONFIG_FILE = "config.yaml"
 LOSS_CURVE = "loss_curve.png"
 REPORTED_METRICS = ("AP", "AP50", "AP75")
+LOSS_TERMS = ("loss", "loss_box", "loss_cls")
 CSV_FIELDS = (
     "epoch",
     "step",
     "lr",
-    "loss",
-    "loss_box",
-    "loss_cls",
+    *LOSS_TERMS,
     "images_per_s",
     "seconds",
     *REPORTED_METRICS,
@@ -76,12 +76,13 @@ class TrainResult:
     run_dir: Path
     epoch: int  # epochs completed in total
     step: int
-    finished: bool  # all `config.epochs` done
+    finished: bool  # all `config.epochs` done, or ended by a callback (`stop_reason`)
     metrics: dict[str, float] = field(default_factory=dict)  # the last validation
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
     seconds: float = 0.0  # wall time of this call
     images_per_second: float = 0.0  # training throughput of this call (validation excluded)
+    stop_reason: Optional[str] = None  # why the run ended before `config.epochs` (early stopping, ...)
 
 
 def seed_everything(seed: int) -> None:
@@ -121,6 +122,8 @@ class Trainer:
     `train_set` yields training samples already transformed to the model's square input
     (`m2det.data.build_train_transform`); `val_set` yields images of any size with targets in
     their original pixels and provides `coco_gt()` (it is scored by `m2det.engine.evaluate`).
+    `callbacks` (`m2det.engine.callbacks`) run after those the config asks for (e.g. early
+    stopping); `clock` is the time source of time limits (tests pass a fake one).
     """
 
     def __init__(
@@ -133,6 +136,8 @@ class Trainer:
         run_dir: PathLike,
         device: str = "auto",
         progress: bool = True,
+        callbacks: Sequence[Callback] = (),
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.model = model
         self.config = config.validate()
@@ -141,6 +146,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.device_name = device
         self.progress = progress
+        self.callbacks = list(callbacks)
+        self.clock = clock
         self._check_classes()
 
     def _check_classes(self) -> None:
@@ -174,14 +181,23 @@ class Trainer:
         joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         info, device = distributed.setup(self.device_name)
         try:
-            return _Run(self, info, device).run(resume, stop_at_epoch, time_limit_s)
+            return TrainingRun(self, info, device).run(resume, stop_at_epoch, time_limit_s)
         finally:
             if joined_here:
                 distributed.cleanup()
 
 
-class _Run:
-    """One `fit` call's state: the wrapped model, optimiser, scheduler, loader, writers and counters."""
+class TrainingRun:
+    """One `fit` call's state: the wrapped model, optimiser, scheduler, loader, writers and counters.
+
+    Callbacks (`m2det.engine.callbacks`) receive it. What they may read: `config`, `model` (the
+    module being trained, unwrapped), `eval_model` (what is validated and saved: `model` unless a
+    callback such as EMA replaces it; `model` takes its weights when the `fit` call returns),
+    `optimizer`, `scheduler`, `train_set` (as fed to the loader), `epoch` (epochs finished), `step`
+    (optimiser steps taken), `steps_per_epoch`, `position` (the schedule's fractional epoch),
+    `metrics` (the last validation), `best_metric`, `best_epoch`, `run_dir`, `info` (rank, world
+    size), `device`, `restored_eval_weights`. What they may do: `request_stop`, set `eval_model`.
+    """
 
     def __init__(self, trainer: Trainer, info: distributed.DistInfo, device: torch.device) -> None:
         self.trainer = trainer
@@ -189,7 +205,10 @@ class _Run:
         self.device = device
         self.config = trainer.config
         self.model = trainer.model
+        self.eval_model: nn.Module = trainer.model
+        self.train_set = trainer.train_set
         self.run_dir = trainer.run_dir
+        self.clock = trainer.clock
         self.epoch = 0
         self.step = 0
         self.best_metric: Optional[float] = None
@@ -197,8 +216,61 @@ class _Run:
         self.metrics: dict[str, float] = {}
         self.validated_at = -1
         self.saved_epoch = 0  # the epoch of the run folder's checkpoint (0: none of this run)
+        self.stop_reason: Optional[str] = None  # set by `request_stop`; saved, so a resume stays stopped
+        # the weights of `eval_model` read from the checkpoint when it was not `model` (EMA): the
+        # callback that replaces `eval_model` loads them
+        self.restored_eval_weights: Optional[dict[str, Tensor]] = None
+        self.callbacks: list[Callback] = []
+        self.budget: Optional[TimeBudget] = None  # `config.time_limit_min`, see `_build`
+        self.spent = 0.0  # the fraction of the budget spent, as all processes agree (see `_train_step`)
         self.writer: Any = None
         self.bar: Any = None
+
+    @property
+    def position(self) -> float:
+        """Where the run is on its schedule, in (fractional) epochs; with a time budget, the epoch
+        of the `config.epochs`-epoch schedule that the time spent corresponds to."""
+        if self.budget is not None:
+            return self.config.epochs * self.spent
+        return self.step / self.steps_per_epoch
+
+    @property
+    def done(self) -> bool:
+        """All epochs trained (or the time budget spent), or stopped for good by a callback."""
+        if self.stop_reason is not None:
+            return True
+        if self.budget is not None:
+            return self.spent >= 1.0
+        return self.epoch >= self.config.epochs
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current epoch (validated and saved) for `reason`; a resume keeps it ended."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def _callback(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def _build_callbacks(self, state: Optional[dict[str, Any]]) -> None:
+        """The config's callbacks, then the trainer's; on resume each gets its saved state back."""
+        config = self.config
+        callbacks: list[Callback] = []
+        if config.ema:
+            callbacks.append(EMA(config.ema_decay, config.ema_tau))
+        if config.patience:
+            callbacks.append(EarlyStopping(config.patience))
+        if config.close_mosaic:
+            callbacks.append(CloseMosaic(config.close_mosaic))
+        self.callbacks = callbacks + self.trainer.callbacks
+        saved = state.get("callbacks", {}) if state is not None else {}
+        for key, callback in self._callback_keys():
+            if key in saved:
+                callback.load_state_dict(saved[key])
+
+    def _callback_keys(self) -> list[tuple[str, Callback]]:
+        """A stable name per callback for the checkpoint: its class name and its place in the list."""
+        return [(f"{i}:{type(c).__name__}", c) for i, c in enumerate(self.callbacks)]
 
     # ----- setup -----
     def _restore(self) -> dict[str, Any]:
@@ -210,10 +282,14 @@ class _Run:
             self._print(f"resuming with the run's own training settings from {checkpoint.state_path}")
         self.config = stored
         load_weights(self.model, checkpoint.model_path)
+        if "train_model" in state:  # the model file holds another model's weights (EMA): keep those
+            self.restored_eval_weights = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(state["train_model"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.saved_epoch = self.epoch
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self.metrics = dict(state["metrics"])
+        self.stop_reason = state.get("stop_reason")
         return state
 
     def _build(self, state: Optional[dict[str, Any]]) -> None:
@@ -228,11 +304,29 @@ class _Run:
             if self.device.type != "cuda":
                 raise ValueError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.eval_model = self.model
+        self.model.loss_fn = config.build_loss(self.model)  # the training settings own the loss
+        for size in config.multiscale_sizes:
+            try:
+                self.model.anchors(size)
+            except ValueError as exc:
+                raise ValueError(f"train.multiscale_sizes: {exc}") from None
         self._wrap()
         self.loader = self._loader()
         self.steps_per_epoch = len(self.loader)
-        self.optimizer = config.build_optimizer(parameter_groups(self.model, config.lr_mults))
-        self.scheduler = build_scheduler(self.optimizer, config.schedule(), self.steps_per_epoch)
+        self.optimizer = config.build_optimizer(
+            parameter_groups(self.model, config.lr_mults, config.no_decay_norm_bias)
+        )
+        if config.time_limit_min is not None:
+            spent_before = float(state.get("elapsed_s") or 0.0) if state is not None else 0.0
+            self.budget = TimeBudget(config.time_limit_min * 60.0, self.clock, spent_before)
+            self.spent = self.budget.fraction(spent_before)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            config.schedule(),
+            self.steps_per_epoch,
+            (lambda: self.spent) if self.budget is not None else None,
+        )
         self.use_amp = config.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
         if state is None:
@@ -265,8 +359,9 @@ class _Run:
 
         config, info = self.config, self.info
         per_process = config.batch_size // info.world_size
+        self.train_set = config.wrap_train_set(self.trainer.train_set)
         self.sampler = DistributedSampler(
-            self.trainer.train_set,
+            self.train_set,
             num_replicas=info.world_size,
             rank=info.rank,
             shuffle=True,
@@ -276,7 +371,7 @@ class _Run:
         # Seeded again every epoch (see `_epoch`), so worker augmentation depends on (seed, epoch, rank) only.
         self.generator = torch.Generator()
         loader = DataLoader(
-            self.trainer.train_set,
+            self.train_set,
             batch_size=per_process,
             sampler=self.sampler,
             num_workers=config.workers,
@@ -316,47 +411,60 @@ class _Run:
 
     # ----- the loop -----
     def run(self, resume: bool, stop_at_epoch: Optional[int], time_limit_s: Optional[float]) -> TrainResult:
-        start = time.perf_counter()
+        start = self.clock()
         state = self._restore() if resume else None
         self._build(state)
+        self._build_callbacks(state)
         self._open_logs(resumed=resume)
         config = self.config
         train_seconds, train_images = 0.0, 0
-        finished = self.epoch >= config.epochs
         failed = True
         try:
             self._open_bar()
-            while self.epoch < config.epochs:
-                epoch_start = time.perf_counter()
+            self._callback("on_train_start")
+            while not self.done:
+                epoch_start = self.clock()
+                self._callback("on_epoch_start")
                 means, images = self._epoch()
-                seconds = time.perf_counter() - epoch_start
+                seconds = self.clock() - epoch_start
                 train_seconds += seconds
                 train_images += images
                 self.epoch += 1
-                finished = self.epoch >= config.epochs
-                stop = self._should_stop(start, stop_at_epoch, time_limit_s, finished)
-                if finished or stop or (config.eval_every and self.epoch % config.eval_every == 0):
+                pause = self._should_stop(start, stop_at_epoch, time_limit_s)
+                if self.done or pause or (config.eval_every and self.epoch % config.eval_every == 0):
                     self._validate()
+                self._callback("on_epoch_end")
+                # a callback's decision counts as rank 0's, so all processes stop together
+                self.stop_reason = distributed.broadcast_object(self.stop_reason)
+                if self.done and self.validated_at != self.epoch:
+                    self._validate()  # stopped by on_epoch_end: the final model is validated too
                 self._end_epoch(means, images / max(seconds, 1e-9), seconds)
-                if stop:
+                if pause:
                     break
+            if self.eval_model is not self.model:
+                # the caller's model ends as the files do: with the weights validated and saved (EMA)
+                self.model.load_state_dict(self.eval_model.state_dict())
             failed = False
         finally:
             self._close(failed)
-        if finished and self.info.is_main:
+        if self.done:
+            self._callback("on_train_end")
+        if self.done and self.info.is_main:
+            ended = f"{self.stop_reason}; " if self.stop_reason else ""
             self._print(
-                f"done: {self.epoch} epochs in {time.perf_counter() - start:.0f} s; run folder {self.run_dir}"
+                f"done: {ended}{self.epoch} epochs in {self.clock() - start:.0f} s; run folder {self.run_dir}"
             )
         return TrainResult(
             run_dir=self.run_dir,
             epoch=self.epoch,
             step=self.step,
-            finished=finished,
+            finished=self.done,
             metrics=dict(self.metrics),
             best_metric=self.best_metric,
             best_epoch=self.best_epoch,
-            seconds=time.perf_counter() - start,
+            seconds=self.clock() - start,
             images_per_second=train_images / train_seconds if train_seconds else 0.0,
+            stop_reason=self.stop_reason,
         )
 
     def _epoch(self) -> tuple[dict[str, float], int]:
@@ -369,7 +477,7 @@ class _Run:
         totals = torch.zeros(3, dtype=torch.float64)
         steps, tick, rate = 0, time.perf_counter(), 0.0
         if self.bar is not None:
-            self.bar.set_description(f"epoch {self.epoch + 1}/{config.epochs}", refresh=False)
+            self.bar.set_description(self._epoch_label(self.epoch + 1), refresh=False)
         for images, targets in self.loader:
             values = self._train_step(images, targets)
             totals += values.double()
@@ -379,8 +487,12 @@ class _Run:
             step_rate = config.batch_size / max(now - tick, 1e-9)
             rate = step_rate if steps == 1 else 0.9 * rate + 0.1 * step_rate
             tick = now
-            self._log_step(values, rate)
-        means = dict(zip(("loss", "loss_box", "loss_cls"), (totals / max(steps, 1)).tolist()))
+            losses = dict(zip(LOSS_TERMS, values.tolist()))
+            self._callback("on_step_end", losses)
+            self._log_step(losses, rate)
+            if self.budget is not None and self.spent >= 1.0:
+                break  # the budget ends the run here, mid-epoch if need be
+        means = dict(zip(LOSS_TERMS, (totals / max(steps, 1)).tolist()))
         return means, steps * config.batch_size
 
     def _train_step(self, images: Tensor, targets: list[dict[str, Any]]) -> Tensor:
@@ -396,13 +508,19 @@ class _Run:
             for t in targets
         ]
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            losses = self.network(list(images), targets)
+            losses = self.network(list(images), targets, input_size=self._step_input_size())
         loss = losses["loss_box"] + losses["loss_cls"]
-        # one copy to the CPU, which the loss check needs anyway; the epoch totals and the log reuse it
+        # one copy to the CPU, which the loss check needs anyway; the epoch totals and the log reuse
+        # it. The time spent rides along, so that all processes agree on the budget's schedule.
+        elapsed = self.budget.elapsed() if self.budget is not None else 0.0
         values = distributed.all_reduce_mean(
-            torch.stack([loss, losses["loss_box"], losses["loss_cls"]]).detach().float()
+            torch.stack([loss, losses["loss_box"], losses["loss_cls"], loss.new_tensor(elapsed)])
+            .detach()
+            .float()
         ).cpu()
         self._check_loss(float(values[0]))
+        if self.budget is not None:
+            self.spent = self.budget.fraction(float(values[3]))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if config.clip_grad is not None:
@@ -411,7 +529,16 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return values
+        return values[:3]
+
+    def _step_input_size(self) -> Optional[int]:
+        """This step's input size: one of `multiscale_sizes`, drawn from (seed, step) alone so that
+        every process and a resumed run draw the same; None (the model's own) without them."""
+        sizes = self.config.multiscale_sizes
+        if not sizes:
+            return None
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
+        return sizes[int(torch.randint(len(sizes), (), generator=generator))]
 
     def _check_loss(self, value: float) -> None:
         limit = self.config.loss_limit
@@ -429,13 +556,12 @@ class _Run:
             f"train.warmup_epochs or train.clip_grad, or check the data."
         )
 
-    def _should_stop(
-        self, start: float, stop_at_epoch: Optional[int], time_limit_s: Optional[float], finished: bool
-    ) -> bool:
-        if finished:
+    def _should_stop(self, start: float, stop_at_epoch: Optional[int], time_limit_s: Optional[float]) -> bool:
+        """Whether this `fit` call pauses here (`stop_at_epoch`, `time_limit_s`), leaving a resumable run."""
+        if self.done:
             return False
         stop = (stop_at_epoch is not None and self.epoch >= stop_at_epoch) or (
-            time_limit_s is not None and time.perf_counter() - start >= time_limit_s
+            time_limit_s is not None and self.clock() - start >= time_limit_s
         )
         return bool(distributed.broadcast_object(stop))  # rank 0's clock decides for all
 
@@ -447,7 +573,7 @@ class _Run:
             from m2det.engine.evaluate import evaluate
 
             result = evaluate(
-                self.model,
+                self.eval_model,
                 self.trainer.val_set,
                 batch_size=max(1, self.config.batch_size // self.info.world_size),
                 progress=False,
@@ -459,6 +585,7 @@ class _Run:
         value = self.metrics.get(self.config.best_metric, math.nan)
         if math.isfinite(value) and (self.best_metric is None or value > self.best_metric):
             self.best_metric, self.best_epoch = value, self.epoch  # saved in `_save`
+        self._callback("on_validation_end", dict(self.metrics))
 
     def _extra(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "metrics": self.metrics}
@@ -468,7 +595,6 @@ class _Run:
         rng = distributed.all_gather_objects(capture_rng_state())
         if not self.info.is_main:
             return
-        config = self.config
         lr = self.optimizer.param_groups[0]["lr"]
         evaluated = self.metrics if self.validated_at == self.epoch else {}
         row = {
@@ -490,7 +616,7 @@ class _Run:
                 self.writer.add_scalar(f"val/{key}", evaluated[key], self.step)
         self.writer.flush()
         text = (
-            f"epoch {self.epoch}/{config.epochs}  loss {means['loss']:.4f} (box {means['loss_box']:.4f}, "
+            f"{self._epoch_label(self.epoch)}  loss {means['loss']:.4f} (box {means['loss_box']:.4f}, "
             f"cls {means['loss_cls']:.4f})  lr {lr:.2e}  {images_per_s:.1f} img/s  {seconds:.0f} s"
         )
         if evaluated:
@@ -505,9 +631,9 @@ class _Run:
         extra = self._extra()
         self._write_csv([*self._read_csv(), row])
         if self.best_epoch == self.epoch:
-            save_model(self.model, self.run_dir / BEST_MODEL, extra=extra)
+            save_model(self.eval_model, self.run_dir / BEST_MODEL, extra=extra)
         if config.save_every and self.epoch % config.save_every == 0:
-            save_model(self.model, self.run_dir / f"epoch_{self.epoch:03d}.safetensors", extra=extra)
+            save_model(self.eval_model, self.run_dir / f"epoch_{self.epoch:03d}.safetensors", extra=extra)
         state = {
             "epoch": self.epoch,
             "step": self.step,
@@ -521,8 +647,13 @@ class _Run:
             "metrics": self.metrics,
             "world_size": self.info.world_size,
             "train_config": config.to_dict(),
+            "stop_reason": self.stop_reason,
+            "elapsed_s": self.budget.elapsed() if self.budget is not None else None,
+            "callbacks": {key: c.state_dict() for key, c in self._callback_keys()},
         }
-        save_checkpoint(self.run_dir, self.model, state, extra)
+        if self.eval_model is not self.model:  # the model file holds eval_model: keep the trained one here
+            state["train_model"] = self.model.state_dict()
+        save_checkpoint(self.run_dir, self.eval_model, state, extra)
         self.saved_epoch = self.epoch
 
     def _save_failed(self, exc: OSError) -> OSError:
@@ -543,13 +674,19 @@ class _Run:
     def _open_bar(self) -> None:
         if not (self.info.is_main and self.trainer.progress):
             return
-        total = self.config.epochs * self.steps_per_epoch
+        total = None if self.budget is not None else self.config.epochs * self.steps_per_epoch
         self.bar = progress_bar(total=total, initial=self.step, unit="step", desc="train")
 
-    def _log_step(self, values: Tensor, rate: float) -> None:
+    def _epoch_label(self, epoch: int) -> str:
+        """`epoch N/E`, or with a time budget `epoch N (P% of M min)`."""
+        if self.budget is None:
+            return f"epoch {epoch}/{self.config.epochs}"
+        return f"epoch {epoch} ({self.spent:.0%} of {self.config.time_limit_min:g} min)"
+
+    def _log_step(self, losses: dict[str, float], rate: float) -> None:
         if not self.info.is_main:
             return
-        loss, box, cls = values.tolist()
+        loss, box, cls = (losses[k] for k in LOSS_TERMS)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.step % self.config.log_every == 0:
             for name, value in (("loss", loss), ("loss_box", box), ("loss_cls", cls), ("lr", lr)):

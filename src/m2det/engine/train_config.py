@@ -16,6 +16,7 @@ from m2det.config import dataclass_from_dict, read_yaml_mapping
 from m2det.engine.schedule import LRSchedule
 
 OPTIMIZERS = ("sgd", "adamw")
+MATCHERS = ("iou", "atss")
 
 
 @dataclass
@@ -24,7 +25,9 @@ class TrainConfig:
 
     `batch_size` is the global batch (all processes together), so a schedule means the same on
     one GPU or eight. The defaults are the paper's: SGD momentum 0.9, weight decay 5e-4, batch 32,
-    5 warm-up epochs, lr 2e-3, x0.1 at epochs 90 and 120, 150 epochs.
+    5 warm-up epochs, lr 2e-3, x0.1 at epochs 90 and 120, 150 epochs, every addition off. They
+    stay so (a resumed run's stored settings lack the fields added after it, which must mean
+    "off"); the recipe `m2det train` starts from is `DEFAULT_PRESET`.
     """
 
     epochs: int = 150
@@ -60,6 +63,35 @@ class TrainConfig:
     lr_mults: dict[str, float] = field(default_factory=dict)
     loss_limit: float = 1e4  # a loss above this (or NaN/inf) stops the run
     log_every: int = 10  # TensorBoard scalars every N steps
+    # Training recipe options beyond the paper (all off by default; see docs/train.md and the
+    # `modern` preset).
+    no_decay_norm_bias: bool = False  # no weight decay on biases and normalisation layers
+    patience: int = 0  # early stopping: end after N epochs without a better best_metric; 0 = off
+    ema: bool = False  # validate and save an exponential moving average of the weights
+    ema_decay: float = 0.9999  # its decay d, ramped as d * (1 - exp(-updates / ema_tau))
+    ema_tau: float = 2000.0  # in optimiser steps
+    # A wall-clock budget for the whole run (`m2det train --time MINUTES`): the schedule of `epochs`
+    # epochs (warm-up, decay) is stretched or squeezed onto it and the run ends when it is spent,
+    # however many epochs that is. None: the run lasts `epochs` epochs.
+    time_limit_min: Optional[float] = None
+    # The loss (see m2det.boxes.loss): label smoothing of the classification cross-entropy, the box
+    # loss (smooth_l1, the paper's, on encoded offsets, or giou / diou / ciou on decoded boxes) and
+    # its weight, and the matcher (iou: the paper's 0.5-IoU rule; atss: adaptive thresholds from
+    # the atss_topk anchor locations nearest each box on every pyramid level).
+    label_smoothing: float = 0.0
+    box_loss: str = "smooth_l1"
+    box_loss_weight: float = 1.0
+    matcher: str = "iou"
+    atss_topk: int = 9
+    # Mixing samples (m2det.data.transforms.MosaicMixup), after the SSD augmentation of each: the
+    # probability of a 4-image mosaic and of a mixup with a second sample; both off for the last
+    # close_mosaic epochs (with a time budget: the last close_mosaic / epochs of it).
+    mosaic: float = 0.0
+    mixup: float = 0.0
+    close_mosaic: int = 0
+    # Multi-scale training: each step's input size drawn from these (multiples of 32; the anchors
+    # follow the size); empty: always the model's input size.
+    multiscale_sizes: list[int] = field(default_factory=list)
 
     def validate(self) -> TrainConfig:
         """Raise a ValueError naming the field when a value cannot work."""
@@ -67,7 +99,7 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("workers", "eval_every", "save_every", "weight_decay", "momentum"):
+        for name in ("workers", "eval_every", "save_every", "weight_decay", "momentum", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
@@ -85,6 +117,14 @@ class TrainConfig:
                 "train.lr_mults must map parameter-name prefixes to multipliers >= 0, e.g. "
                 f"{{backbone: 0.1}}, got {self.lr_mults!r}"
             )
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not self.ema_tau > 0:
+            raise ValueError(f"train.ema_tau must be > 0 (optimiser steps), got {self.ema_tau}")
+        if self.time_limit_min is not None and not self.time_limit_min > 0:
+            raise ValueError(f"train.time_limit_min must be > 0 minutes or null, got {self.time_limit_min}")
+        self._validate_loss()
+        self._validate_mixing()
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad}")
         from m2det.engine.evaluate import STAT_NAMES, VOC_NAMES
@@ -98,6 +138,60 @@ class TrainConfig:
         except ValueError as exc:
             raise ValueError(f"train.{exc}") from None
         return self
+
+    def _validate_loss(self) -> None:
+        from m2det.boxes.loss import BOX_LOSSES
+
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.box_loss not in BOX_LOSSES:
+            raise ValueError(f"train.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
+        if not self.box_loss_weight > 0:
+            raise ValueError(f"train.box_loss_weight must be > 0, got {self.box_loss_weight}")
+        if self.matcher not in MATCHERS:
+            raise ValueError(f"train.matcher must be one of {MATCHERS}, got {self.matcher!r}")
+        if not _whole(self.atss_topk) or self.atss_topk < 1:
+            raise ValueError(f"train.atss_topk must be a whole number >= 1, got {self.atss_topk!r}")
+
+    def _validate_mixing(self) -> None:
+        for name in ("mosaic", "mixup"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"train.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not _whole(self.close_mosaic) or self.close_mosaic < 0:
+            raise ValueError(f"train.close_mosaic must be a number of epochs >= 0, got {self.close_mosaic!r}")
+        sizes = self.multiscale_sizes
+        if not isinstance(sizes, list) or not all(_whole(v) and v >= 32 and v % 32 == 0 for v in sizes):
+            raise ValueError(
+                f"train.multiscale_sizes must be a list of input sizes that are multiples of 32, e.g. "
+                f"[256, 320, 384], got {sizes!r}"
+            )
+
+    def wrap_train_set(self, dataset: Any) -> Any:
+        """The training data as the trainer feeds it: mixed by `MosaicMixup` when `mosaic` or `mixup`
+        is on, else `dataset` itself."""
+        if not (self.mosaic or self.mixup):
+            return dataset
+        from m2det.data.transforms import MosaicMixup
+
+        return MosaicMixup(dataset, self.mosaic, self.mixup, self.augmentation().min_box_fraction)
+
+    def build_loss(self, model: Any) -> Any:
+        """The multibox loss of these settings for `model` (an M2Det: its box coder and anchors per
+        location); with the defaults, the paper's."""
+        from m2det.boxes.loss import MultiBoxLoss
+        from m2det.boxes.matcher import AnchorMatcher, ATSSMatcher
+
+        if self.matcher == "atss":
+            matcher: Any = ATSSMatcher(self.atss_topk * model.config.anchors.num_anchors_per_location)
+        else:
+            matcher = AnchorMatcher(0.5)
+        return MultiBoxLoss(
+            model.box_coder,
+            label_smoothing=self.label_smoothing,
+            box_loss=self.box_loss,
+            box_loss_weight=self.box_loss_weight,
+            matcher=matcher,
+        )
 
     def schedule(self) -> LRSchedule:
         return LRSchedule(
@@ -122,15 +216,20 @@ class TrainConfig:
 
     def train_transform(self, input_size: int) -> Any:
         """The training transform to the square input (`m2det.data.build_train_transform`)."""
-        from m2det.data.transforms import AugmentSettings, build_eval_transform, build_train_transform
+        from m2det.data.transforms import build_eval_transform, build_train_transform
 
         if not self.augment:
             return build_eval_transform(input_size)
+        return build_train_transform(input_size, self.augmentation())
+
+    def augmentation(self) -> Any:
+        """`augment_settings` as an `m2det.data.AugmentSettings` (the official ones where not given)."""
+        from m2det.data.transforms import AugmentSettings
+
         try:
-            settings = dataclass_from_dict(AugmentSettings, self.augment_settings, "train.augment_settings")
+            return dataclass_from_dict(AugmentSettings, self.augment_settings, "train.augment_settings")
         except (TypeError, KeyError) as exc:
             raise ValueError(str(exc)) from None
-        return build_train_transform(input_size, settings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,6 +256,43 @@ class TrainConfig:
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"{where}: {exc}") from None
 
+
+def _whole(value: Any) -> bool:
+    """An int that is not a bool (YAML's `true` would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The paper's recipe, spelled out so that it stays the paper's whatever the field defaults become:
+# SGD momentum 0.9, weight decay 5e-4 on everything, batch 32, 5 warm-up epochs from 1e-6 to 2e-3,
+# x0.1 at epochs 90 and 120, 150 epochs, the SSD augmentation, smooth-L1 box loss, the 0.5-IoU
+# matcher, no weight averaging. Every preset starts from it.
+PAPER_RECIPE: dict[str, Any] = {
+    "epochs": 150,
+    "batch_size": 32,
+    "lr": 2e-3,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "warmup_epochs": 5.0,
+    "warmup_start_lr": 1e-6,
+    "policy": "step",
+    "milestones": [90, 120],
+    "gamma": 0.1,
+    "step_lrs": None,
+    "min_lr": 0.0,
+    "augment": True,
+    "augment_settings": {},
+    "clip_grad": None,
+    "no_decay_norm_bias": False,
+    "ema": False,
+    "label_smoothing": 0.0,
+    "box_loss": "smooth_l1",
+    "box_loss_weight": 1.0,
+    "matcher": "iou",
+    "mosaic": 0.0,
+    "mixup": 0.0,
+    "multiscale_sizes": [],
+}
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # The paper: warm-up 5 epochs, 2e-3, x0.1 at 90 and 120, stop at 150, batch 32.
@@ -187,14 +323,43 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "freeze_backbone_bn": True,
         "lr_mults": {"backbone": 0.1},
     },
+    # From scratch on a small data set, the network still the paper's: what current one-stage
+    # detectors train with (AdamW without decay on norms and biases, a cosine after a short warm-up,
+    # gradient clipping, an EMA of the weights). See docs/train.md.
+    "modern": {
+        "epochs": 100,
+        "batch_size": 16,
+        "optimizer": "adamw",
+        "lr": 2e-3,
+        "weight_decay": 0.05,
+        "no_decay_norm_bias": True,
+        "warmup_epochs": 3.0,
+        "warmup_start_lr": 1e-5,
+        "policy": "cosine",
+        "milestones": [],
+        "min_lr": 2e-5,
+        "clip_grad": 10.0,
+        "ema": True,
+        "label_smoothing": 0.05,
+        "box_loss": "giou",
+        "box_loss_weight": 2.0,
+        "matcher": "atss",
+        "atss_topk": 9,
+        "mosaic": 1.0,
+        "close_mosaic": 10,
+    },
 }
 
+# What `m2det train` starts from without --config or --weights; the recipe benchmark decides it.
+DEFAULT_PRESET = "paper"
 
-def get_train_config(name: str = "paper", **overrides: Any) -> TrainConfig:
-    """A training preset with field overrides, validated."""
+
+def get_train_config(name: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
+    """A training preset (the paper's recipe plus the preset's changes) with field overrides, validated."""
     if name not in TRAIN_PRESETS:
         raise ValueError(f"unknown training preset {name!r}; available: {', '.join(TRAIN_PRESETS)}")
-    preset = copy.deepcopy(TRAIN_PRESETS[name])  # the instance must not share the preset's lists
+    # the instance must not share the presets' lists
+    preset = copy.deepcopy({**PAPER_RECIPE, **TRAIN_PRESETS[name]})
     return dataclass_from_dict(TrainConfig, {**preset, **overrides}, "train").validate()
 
 

@@ -87,6 +87,11 @@ class M2Det(nn.Module):
         size = int(input_size or self.input_size)
         return self.anchor_generator(size, pyramid_sizes(self.config, size))
 
+    def anchor_level_sizes(self, input_size: Optional[int] = None) -> list[int]:
+        """How many of `anchors(input_size)` each pyramid level holds, largest level first."""
+        per_location = self.config.anchors.num_anchors_per_location
+        return [f * f * per_location for f in pyramid_sizes(self.config, int(input_size or self.input_size))]
+
     # ----- network -----
     def forward_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Raw predictions for a batch in the official input convention (see the class docstring)."""
@@ -115,9 +120,14 @@ class M2Det(nn.Module):
         return self.normalize(torch.stack(batch).to(self.pixel_means.device)), sizes
 
     def forward(
-        self, images: Sequence[Tensor], targets: Optional[list[dict[str, Tensor]]] = None
+        self,
+        images: Sequence[Tensor],
+        targets: Optional[list[dict[str, Tensor]]] = None,
+        input_size: Optional[int] = None,
     ) -> Union[dict[str, Tensor], list[dict[str, Tensor]]]:
-        x, sizes = self.preprocess(images)
+        """See the class docstring; `input_size` runs the network at another square size than the
+        model's own (multi-scale training), the anchors following it."""
+        x, sizes = self.preprocess(images, input_size)
         loc, logits = self.forward_raw(x)
         anchors = self.anchors(x.shape[-1]).to(loc.device)
         if self.training:
@@ -125,18 +135,25 @@ class M2Det(nn.Module):
                 raise ValueError(
                     "targets are required in training mode (a list of dicts with boxes and labels)"
                 )
-            return self.compute_loss(loc, logits, anchors, normalize_targets(targets, sizes))
+            levels = self.anchor_level_sizes(x.shape[-1])
+            return self.compute_loss(loc, logits, anchors, normalize_targets(targets, sizes), levels)
         return self.postprocess(loc, logits, anchors, sizes)
 
     def compute_loss(
-        self, loc: Tensor, logits: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
+        self,
+        loc: Tensor,
+        logits: Tensor,
+        anchors: Tensor,
+        targets: list[dict[str, Tensor]],
+        level_sizes: Optional[list[int]] = None,
     ) -> dict[str, Tensor]:
-        """The SSD multibox loss; `targets` hold boxes normalised to [0, 1] (xyxy)."""
+        """The SSD multibox loss (`loss_fn`, the paper's unless set, e.g. by the trainer from its
+        config); `targets` hold boxes normalised to [0, 1] (xyxy); `level_sizes` as `anchor_level_sizes`."""
         if self.loss_fn is None:
             from m2det.boxes.loss import MultiBoxLoss
 
             self.loss_fn = MultiBoxLoss(self.box_coder)
-        return self.loss_fn(loc, logits, anchors, targets)
+        return self.loss_fn(loc, logits, anchors, targets, level_sizes)
 
     def postprocess(
         self, loc: Tensor, logits: Tensor, anchors: Tensor, sizes: list[tuple[int, int]]
