@@ -39,7 +39,8 @@ def train(
     overrides: list[str] = typer.Option(
         [],
         "--set",
-        help="Override KEY=VALUE, e.g. train.epochs=10, train.lr=1e-3, model.mlfpn.planes=128 (repeatable).",
+        help="Override KEY=VALUE, e.g. train.epochs=10, train.lr=1e-3, model.mlfpn.planes=128, "
+        "'train.milestones=[20, 25]' (repeatable; a bare key such as lr=1e-3 goes to the section that has it).",
     ),
     backbone_weights: Optional[Path] = typer.Option(
         None, "--backbone-weights", help="Local ImageNet weights for the backbone (.pth / .safetensors)."
@@ -195,23 +196,27 @@ def _remove_if_unused(run_dir: Path) -> None:
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`model.X` / `train.X` keys to their section; a bare key goes to train if it names a train field."""
+    """`model.X` / `train.X` keys to their section; a bare key goes to the section that has it
+    (train first). A bare key neither has is an error naming the closest keys of both."""
+    from m2det.config import ModelConfig, unknown_key_message
     from m2det.engine.train_config import TrainConfig
 
-    train_fields = {f.name for f in fields(TrainConfig)}
-    model_overrides: dict[str, Any] = {}
-    train_overrides: dict[str, Any] = {}
+    sections = {
+        "train": [f.name for f in fields(TrainConfig)],
+        "model": [f.name for f in fields(ModelConfig)],
+    }
+    routed: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     for key, value in overrides.items():
         section, _, rest = key.partition(".")
-        if section == "train" and rest:
-            train_overrides[rest] = value
-        elif section == "model" and rest:
-            model_overrides[rest] = value
-        elif key in train_fields:
-            train_overrides[key] = value
-        else:
-            model_overrides[key] = value
-    return model_overrides, train_overrides
+        if section in routed and rest:
+            routed[section][rest] = value
+            continue
+        owner = next((name for name, keys in sections.items() if section in keys), None)
+        if owner is None:
+            valid = [f"{name}.{k}" for name, keys in sections.items() for k in keys]
+            raise ValueError(unknown_key_message(key, valid))
+        routed[owner][key] = value
+    return routed["model"], routed["train"]
 
 
 def load_configs(

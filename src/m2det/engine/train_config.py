@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from m2det.config import dataclass_from_dict, read_yaml_mapping
+from m2det.config import dataclass_from_dict, read_yaml_mapping, replace_fields
 from m2det.engine.schedule import LRSchedule
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -199,5 +199,6 @@ def get_train_config(name: str = "paper", **overrides: Any) -> TrainConfig:
 
 
 def with_train_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
-    """A validated copy of `config` with fields replaced (e.g. from `--set train.epochs=10`)."""
-    return dataclass_from_dict(TrainConfig, {**config.to_dict(), **overrides}, "train").validate()
+    """A validated copy of `config` with fields replaced (e.g. from `--set train.epochs=10`); see
+    `m2det.config.replace_fields` for dotted keys."""
+    return replace_fields(config, overrides, "train").validate()
