@@ -251,3 +251,31 @@ def test_demo_settings_are_type_checked():
     assert (settings.train["lr"], settings.threads, settings.shapes["clutter"]) == (1e-3, 1, 0)
     with pytest.raises(ValueError, match=r"^threads: expected an integer, got 'two' \(a string\)$"):
         DemoSettings().with_overrides({"threads": "two"})
+
+
+# ----- defaults that fit the machine -----
+@pytest.mark.parametrize(("cores", "workers"), [(1, 0), (2, 1), (3, 2), (5, 4), (64, 4)])
+def test_default_workers_leave_a_core_to_training(monkeypatch, cores, workers):
+    import os
+
+    from m2det.device import default_workers, usable_cores
+    from m2det.engine.train import cpu_threads
+    from m2det.engine.train_config import TrainConfig, get_train_config
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert usable_cores() == cores and default_workers() == workers <= cores
+    assert TrainConfig().workers == get_train_config("paper").workers == workers
+    assert cpu_threads(workers) == max(1, cores - workers)  # compute threads on the cores left
+    assert get_train_config("paper", workers=7).workers == 7  # a chosen number is kept
+
+
+def test_usable_cores_is_the_affinity_mask_not_the_machine(monkeypatch):
+    import os
+
+    from m2det.device import usable_cores
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3}, raising=False)
+    assert usable_cores() == 2  # e.g. `taskset -c 2,3` or a container's cpuset on a 64-core machine
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: every core
+    assert usable_cores() == 64

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from m2det.config import dataclass_from_dict, read_yaml_mapping, replace_fields
+from m2det.device import default_workers
 from m2det.engine.schedule import LRSchedule
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -42,7 +43,7 @@ class TrainConfig:
     min_lr: float = 0.0  # floor of the cosine policy
     augment: bool = True  # the official SSD augmentation; False: resize only
     augment_settings: dict[str, Any] = field(default_factory=dict)  # m2det.data AugmentSettings overrides
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # min(4, usable cores - 1)
     amp: bool = True  # mixed precision; only takes effect on CUDA
     clip_grad: Optional[float] = None  # max global gradient norm, None = off
     eval_every: int = 10  # validate every N epochs (and after the last); 0 = only after the last
