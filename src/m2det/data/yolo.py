@@ -167,4 +167,6 @@ class YOLODetection(DetectionDataset):
             )
         self.data_yaml = yaml_path
         self.split = split
-        super().__init__(records, names, report, transforms=transforms, keep_ignored=keep_ignored)
+        super().__init__(
+            records, names, report, transforms=transforms, keep_ignored=keep_ignored, sizes_from_headers=True
+        )
