@@ -21,11 +21,20 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def train(
     data: Optional[str] = typer.Option(
-        None, "--data", help="Training data: a COCO .json, a Pascal VOC folder or a YOLO data.yaml."
+        None,
+        "--data",
+        help="Training data: a COCO .json, a Pascal VOC folder, a YOLO data.yaml, or a folder of images "
+        "with VOC XML files beside them (LabelImg; train/val/test subfolders, or none).",
     ),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation data (default: --data)."),
-    train_split: str = typer.Option("train", help="Split of --data to train on (VOC image set, YOLO key)."),
-    val_split: str = typer.Option("val", help="Split of the validation data to score."),
+    train_split: str = typer.Option(
+        "train", help="Split of --data to train on (VOC image set, YOLO key, image subfolder)."
+    ),
+    val_split: str = typer.Option(
+        "val",
+        help="Split of the validation data to score. An image folder without val/ uses test/, and "
+        "without that a fixed tenth of train/, held out of training.",
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", help="YAML with a model: section (or preset:) and/or a train: section."
     ),
@@ -61,7 +70,15 @@ def train(
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or per-epoch lines."),
 ) -> None:
-    """Train M2Det. Multi-GPU / multi-machine: `torchrun --nproc-per-node N -m m2det.cli.main train ...`."""
+    """Train M2Det. Multi-GPU / multi-machine: `torchrun --nproc-per-node N -m m2det.cli.main train ...`.
+
+    Examples:
+
+      m2det train --data photos/ --set train.epochs=50 --set train.lr=1e-3
+      m2det train --data voc/ --train-split trainval --val-split test
+      m2det train --data my.yaml --weights best.safetensors --set lr=4e-3
+      m2det train --resume runs/train/exp3
+    """
     import yaml
 
     from m2det.cli.common import next_run_dir

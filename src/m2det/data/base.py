@@ -199,6 +199,26 @@ def image_size(path: PathLike) -> tuple[int, int]:
         raise MalformedAnnotation(f"image {exc.source}: {exc.problem}") from None
 
 
+def parallel_path(
+    path: Path,
+    folders: Sequence[str],
+    replacement: str,
+    suffix: Optional[str] = None,
+    root: Optional[Path] = None,
+) -> Optional[Path]:
+    """`path` with its last folder named one of `folders` (below `root`, when given) replaced by
+    `replacement`, and its suffix by `suffix` when given: `.../images/train/a.jpg` ->
+    `.../labels/train/a.txt`. None when the path has no such folder."""
+    parts = list(path.parts)
+    first = len(root.parts) if root is not None else 0
+    for i in range(len(parts) - 1, first - 1, -1):
+        if parts[i] in folders:
+            parts[i] = replacement
+            parallel = Path(*parts)
+            return parallel.with_suffix(suffix) if suffix is not None else parallel
+    return None
+
+
 def size_problem(info: ImageInfo, width: int, height: int) -> Optional[str]:
     """What is wrong when the image is `width` x `height` (upright) but its annotation says otherwise
     (None when they agree), with the EXIF orientation named when it explains swapped sides."""
