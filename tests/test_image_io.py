@@ -245,6 +245,33 @@ def test_data_set_reports_and_skips_a_truncated_image(set_with_a_cut_image, capl
         strict[1]
 
 
+def test_unreadable_images_are_named_and_dropped_before_any_is_loaded(tmp_path, caplog):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48), (60, 60, 60)).save(tmp_path / "images" / "a.jpg")
+    (tmp_path / "images" / "cut.jpg").write_bytes(truncated_jpeg_bytes(64, 48))  # header intact
+    (tmp_path / "images" / "notes.jpg").write_text("shopping list\n")  # not an image at all
+    (tmp_path / "images" / "empty.png").write_bytes(b"")
+    (tmp_path / "images" / "stub.jpg").write_bytes(jpeg_bytes(np.zeros((48, 64, 3), np.uint8))[:20])
+    names = ("a.jpg", "cut.jpg", "notes.jpg", "empty.png", "stub.jpg")
+    path = write_coco(tmp_path, {name: (64, 48, [[8.0, 8.0, 40.0, 30.0]]) for name in names})
+    with caplog.at_level(logging.WARNING, logger="m2det.data"):
+        dataset = build_dataset(path)
+    assert [r.info.path.name for r in dataset.records] == ["a.jpg", "cut.jpg"]
+    dropped = {Path(i.where).name: i.problem for i in dataset.report.issues if i.action == "image dropped"}
+    assert set(dropped) == {"notes.jpg", "empty.png", "stub.jpg"}
+    assert "not an image file" in dropped["notes.jpg"] and "not an image file" in dropped["empty.png"]
+    (summary,) = caplog.records  # one warning when the set is built, naming each file
+    assert summary.getMessage().splitlines()[0].endswith("3 problem(s) in the data: 3 image dropped")
+    assert all(name in summary.getMessage() for name in dropped)
+    # the truncated file's header is sound: it is found, as before, when its pixels are decoded
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="m2det.data"):
+        assert dataset[1][1]["image_id"] == 1  # a.jpg stands in for cut.jpg
+    assert len(caplog.records) == 1 and "cut.jpg" in caplog.records[0].getMessage()
+    with pytest.raises(DatasetError, match=r"notes\.jpg: not an image file"):
+        build_dataset(path, strict=True)
+
+
 def test_evaluation_leaves_out_a_truncated_image(set_with_a_cut_image):
     torch.manual_seed(0)
     model = m2det.build_model(TINY, num_classes=2, class_names=["block"])

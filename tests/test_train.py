@@ -407,7 +407,7 @@ def test_train_cli_end_to_end(tmp_path):
 
     data, config = tiny_cli_data(tmp_path, "train:\n  preset: paper\n  batch_size: 4\n  workers: 0\n")
     args = ["train", "--data", str(data.train.annotations), "--val-data", str(data.val.annotations)]
-    args += ["--config", str(config), "--set", "train.epochs=1", "--set", "lr=0.01", "--device", "cpu"]
+    args += ["--config", str(config), "--set", "train.epochs=1", "--set", "lr=1e-2", "--device", "cpu"]
     args += ["--project", str(tmp_path / "runs"), "--quiet"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -8,6 +8,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -127,7 +131,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return dataclass_from_dict(cls, data, "config")
+        return dataclass_from_dict(cls, data, "model")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
@@ -151,7 +155,7 @@ class ModelConfig:
             if preset is not None:
                 return get_config(preset, **data)
             return cls.from_dict(data).validate()
-        except (TypeError, ValueError, KeyError) as exc:
+        except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
 
     def save_yaml(self, path: Union[str, Path]) -> None:
@@ -167,11 +171,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _NumberLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as people write them: YAML 1.1 reads `1e-3`, `1E3` and
+    `-2e-4` as strings (it wants `1.0e-3`); here they are floats, as in YAML 1.2 and Python."""
+
+
+_NumberLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as plain Python values (safe), with `1e-3` a number (see `_NumberLoader`)."""
+    return yaml.load(text, Loader=_NumberLoader)  # a SafeLoader: plain values only
+
+
 def read_yaml_mapping(path: Union[str, Path]) -> dict[str, Any]:
     """The top-level mapping of a YAML file ({} for an empty one), with errors that name the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
@@ -183,25 +204,179 @@ def read_yaml_mapping(path: Union[str, Path]) -> dict[str, Any]:
     return data
 
 
-def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from a mapping, recursing into nested dataclasses; errors name `where.field`."""
-    if not isinstance(data, dict):
-        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+def close_matches(wanted: str, choices: Sequence[str]) -> list[str]:
+    """The choices `wanted` may have meant: those that contain it (a part of a name), else the
+    nearest spellings (case ignored)."""
+    lowered = str(wanted).lower()
+    by_lower = {choice.lower(): choice for choice in choices}
+    holding = [choice for choice in choices if lowered and lowered in choice.lower()]
+    return holding or [by_lower[c] for c in difflib.get_close_matches(lowered, list(by_lower), n=3)]
+
+
+def unknown_key_message(key: str, valid: Sequence[str]) -> str:
+    """`KEY: unknown key; did you mean ...? valid keys: ...` for dotted keys: the last part of `key`
+    is matched against the last parts of the `valid` keys."""
+    wanted, last_parts = key.rpartition(".")[2], [name.rpartition(".")[2] for name in valid]
+    close = set(close_matches(wanted, last_parts))
+    guesses = [name for name, last in zip(valid, last_parts) if last in close]
+    guess = f"did you mean {' or '.join(guesses)}? " if guesses else ""
+    return f"{key}: unknown key; {guess}valid keys: {', '.join(valid)}"
+
+
+def _dotted(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+_MISMATCH = object()  # `_convert`'s answer for a value that does not fit the type
+_UNIONS = (Union, getattr(types, "UnionType", Union))  # Optional[X] and, from Python 3.10, X | None
+_PLURALS = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+
+
+def check_field_value(value: Any, hint: Any, where: str) -> Any:
+    """`value` for a field of type `hint`, or a ValueError naming `where`, the value and the type.
+
+    Lossless conversions only: a list for a tuple field, a whole float (1e2) for an integer field
+    (an integer is a number as it is). Types it does not know are left to the config's `validate`.
+    """
+    converted = _convert(value, hint)
+    if converted is _MISMATCH:
+        raise ValueError(f"{where}: expected {_type_name(hint)}, got {value!r} ({_value_kind(value)})")
+    return converted
+
+
+def _value_kind(value: Any) -> str:
+    kinds = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    kinds.update({list: "a list", tuple: "a list", dict: "a mapping"})
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return value
+    if origin in _UNIONS:
+        candidates = (_convert(value, arg) for arg in args)
+        return next((c for c in candidates if c is not _MISMATCH), _MISMATCH)
+    if origin is typing.Literal:
+        return value if value in args else _MISMATCH
+    if hint is type(None):
+        return value if value is None else _MISMATCH
+    if hint is bool:
+        return value if isinstance(value, bool) else _MISMATCH
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH
+    if hint is float:
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else _MISMATCH
+    if hint is str:
+        return value if isinstance(value, str) else _MISMATCH
+    if hint in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return _MISMATCH
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return _MISMATCH
+            items = [_convert(v, a) for v, a in zip(value, args)]
+        else:
+            items = [_convert(v, args[0] if args else Any) for v in value]
+        if any(item is _MISMATCH for item in items):
+            return _MISMATCH
+        return tuple(items) if tuple in (hint, origin) else items
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            return _MISMATCH
+        key_hint, value_hint = args or (Any, Any)
+        pairs = [(_convert(k, key_hint), _convert(v, value_hint)) for k, v in value.items()]
+        if any(k is _MISMATCH or v is _MISMATCH for k, v in pairs):
+            return _MISMATCH
+        return dict(pairs)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    """A type as a person says it: `a number`, `a list of 2 numbers`, `an integer or null`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    simple = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        type(None): "null",
+    }
+    if hint in simple:
+        return simple[hint]
+    if origin in _UNIONS:
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hint in (list, tuple) or origin in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            kinds = {_PLURALS.get(a, "values") for a in args}
+            return f"a list of {len(args)} {kinds.pop() if len(kinds) == 1 else 'values'}"
+        return f"a list of {_PLURALS.get(args[0], 'values') if args else 'values'}"
+    if hint is dict or origin is dict:
+        return "a mapping" + (f" of {_PLURALS.get(args[1], 'values')}" if args and args[1] is not Any else "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def dataclass_from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a mapping, recursing into nested dataclasses, each value checked
+    against its field's type (`check_field_value`); errors are ValueErrors naming `where.field`."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    names = [f.name for f in fields(cls)]
+    unknown = [key for key in data if key not in names]
     if unknown:
-        raise KeyError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(
+            unknown_key_message(_dotted(where, str(unknown[0])), [_dotted(where, n) for n in names])
+        )
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     defaults = cls()
     for name, value in data.items():
         default = getattr(defaults, name)
         if is_dataclass(default):
-            kwargs[name] = dataclass_from_dict(type(default), value, f"{where}.{name}")
-        elif isinstance(default, tuple) and value is not None:
-            kwargs[name] = tuple(value)
+            kwargs[name] = dataclass_from_dict(type(default), value, _dotted(where, name))
         else:
-            kwargs[name] = value
+            kwargs[name] = check_field_value(value, hints[name], _dotted(where, name))
     return cls(**kwargs)
+
+
+def replace_fields(config: Any, overrides: Mapping[str, Any], where: str) -> Any:
+    """A copy of the dataclass `config` with `overrides` applied, built by `dataclass_from_dict`
+    (so every value is type-checked and an unknown key names the valid ones). The one merger of
+    `--set` values, config-file overrides and keyword overrides.
+
+    A key is a field name or a dotted path through nested dataclass sections (`mlfpn.planes`); at
+    a mapping-valued field the rest of the path is one key of that mapping
+    (`augment_settings.max_expand`, `lr_mults.head.loc`). A mapping (or a dataclass) given for a
+    nested section changes the fields it names; any other value replaces the field.
+    """
+    data = dataclasses.asdict(config)
+    for key, value in overrides.items():
+        if is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        target, section, obj = data, where, config
+        parts = str(key).split(".")
+        for i, part in enumerate(parts[:-1]):
+            current = getattr(obj, part, None) if part in target else None
+            if is_dataclass(current):
+                target, section, obj = target[part], _dotted(section, part), current
+            elif isinstance(current, dict):
+                target[part] = {**target[part], ".".join(parts[i + 1 :]): value}
+                break
+            else:
+                raise ValueError(
+                    unknown_key_message(_dotted(section, part), [_dotted(section, n) for n in target])
+                )
+        else:
+            leaf = parts[-1]
+            if is_dataclass(getattr(obj, leaf, None)) and isinstance(value, Mapping):
+                target[leaf] = {**target[leaf], **value}
+            else:
+                target[leaf] = value
+    return dataclass_from_dict(type(config), data, where)
 
 
 def _vgg_anchors(size: int) -> AnchorConfig:
@@ -255,28 +430,12 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     """
     if name not in PRESETS:
         # a part of a name ("resnet") suggests every preset holding it, a misspelling the nearest ones
-        wanted = str(name).lower()
-        close = [p for p in PRESETS if wanted and wanted in p] or difflib.get_close_matches(
-            wanted, PRESETS, n=3
-        )
+        close = close_matches(str(name), list(PRESETS))
         guess = f"did you mean {' or '.join(close)}? " if close else ""
         raise ValueError(f"unknown preset {name!r}; {guess}known presets: {', '.join(PRESETS)}")
     return with_overrides(PRESETS[name](), **overrides)
 
 
 def with_overrides(config: ModelConfig, **overrides: Any) -> ModelConfig:
-    """A validated copy of `config` with the overrides applied (see `get_config`)."""
-    data = config.to_dict()
-    for key, value in overrides.items():
-        if is_dataclass(value):
-            value = dataclasses.asdict(value)
-        section, _, leaf = key.partition(".")
-        if leaf:
-            if section not in data or not isinstance(data[section], dict):
-                raise KeyError(f"override {key!r}: {section!r} is not a config section")
-            data[section][leaf] = value
-        elif isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key].update(value)
-        else:
-            data[key] = value
-    return ModelConfig.from_dict(data).validate()
+    """A validated copy of `config` with the overrides applied (see `get_config`, `replace_fields`)."""
+    return replace_fields(config, overrides, "model").validate()

@@ -1,8 +1,10 @@
-"""Choosing the device: names checked here, so a wrong one is a clear error, not a failure deep inside."""
+"""Choosing the device: names checked here, so a wrong one is a clear error, not a failure deep inside;
+and how many CPU cores this process may use, for data workers and compute threads."""
 
 from __future__ import annotations
 
-from typing import Union
+import os
+from typing import Optional, Union
 
 import torch
 
@@ -29,3 +31,24 @@ def resolve_device(device: Union[str, torch.device], local_rank: int = 0) -> tor
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device: {str(device)!r} requested but MPS is not available here")
     return resolved
+
+
+# More DataLoader workers than this rarely speed up M2Det training (decoding and augmenting a
+# batch takes less time than the step on it), and each holds a copy of the data set.
+MAX_DEFAULT_WORKERS = 4
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask where the system has one (set by
+    `taskset`, a container's cpuset or a batch scheduler), else every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_workers(cores: Optional[int] = None) -> int:
+    """DataLoader workers that fit the machine: one core less than it has (one stays with the training
+    process), at most `MAX_DEFAULT_WORKERS`; 0 on one core, where the main process loads the data.
+    Never more than the cores, which is what torch warns about."""
+    cores = usable_cores() if cores is None else cores
+    return max(0, min(MAX_DEFAULT_WORKERS, cores - 1))

@@ -16,8 +16,14 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def browse_data(
-    data: Path = typer.Argument(..., help="A COCO .json, a Pascal VOC folder or a YOLO data .yaml."),
-    split: str = typer.Option("train", help="VOC ImageSets/Main file or YOLO entry (train, val, test)."),
+    data: Path = typer.Argument(
+        ...,
+        help="A COCO .json, a Pascal VOC folder, a YOLO data .yaml or a folder of images with VOC XML "
+        "files beside them.",
+    ),
+    split: str = typer.Option(
+        "train", help="VOC ImageSets/Main file, YOLO entry or image subfolder (train, val, test)."
+    ),
     num: int = typer.Option(8, "--num", min=1, help="How many samples to write."),
     out: Path = typer.Option(Path("browse-data"), "--out", help="Folder to write the images to."),
     size: int = typer.Option(320, "--size", min=1, help="Input size the samples are resized to."),

@@ -110,15 +110,23 @@ class CleanHelpGroup(_CleanHelp, TyperGroup):
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["mlfpn.planes=128", "num_classes=21"]` -> overrides for `get_config` (values read as YAML)."""
+    """`["mlfpn.planes=128", "lr=1e-3"]` -> `{"mlfpn.planes": 128, "lr": 0.001}`: values read as YAML
+    with numbers as people write them (`1e-3`, `.5`, `1E3` are numbers; see `m2det.config.load_yaml`),
+    `true`/`false`, lists `[90, 110]` and mappings `{backbone: 0.1}`; anything else is a string."""
     import yaml
+
+    from m2det.config import load_yaml
 
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"--set expects KEY=VALUE (e.g. mlfpn.planes=128), got {pair!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ValueError(f"--set {key.strip()}: cannot read the value {value!r} ({problem})") from None
     return overrides
 
 

@@ -81,21 +81,20 @@ class DemoSettings:
     train: dict[str, Any] = field(default_factory=_train)
 
     def with_overrides(self, overrides: dict[str, Any]) -> DemoSettings:
-        """`num_train=8`, `train.epochs=1`, `shapes.clutter=0`, ... applied to a copy."""
-        data = asdict(self)
-        top = {f.name for f in fields(self)}
-        for key, value in overrides.items():
+        """`num_train=8`, `train.epochs=1`, `shapes.clutter=0`, ... applied to a copy, type-checked
+        (see `m2det.config.replace_fields`)."""
+        from m2det.config import replace_fields
+
+        sections = ("shapes", "model", "train")
+        top = [f.name for f in fields(self) if f.name not in sections]
+        for key in overrides:
             section, _, leaf = key.partition(".")
-            if leaf and section in ("shapes", "model", "train"):
-                data[section][leaf] = value
-            elif key in top and key not in ("shapes", "model", "train"):
-                data[key] = value
-            else:
-                raise KeyError(
-                    f"--set {key}: unknown demo setting; use one of {sorted(top - {'shapes', 'model', 'train'})} "
+            if not (leaf and section in sections) and key not in top:
+                raise ValueError(
+                    f"--set {key}: unknown demo setting; use one of {', '.join(top)} "
                     "or shapes.FIELD, model.FIELD, train.FIELD"
                 )
-        return DemoSettings(**data)
+        return replace_fields(self, overrides, "")
 
 
 @dataclass
@@ -124,7 +123,7 @@ def run_demo(
 
 
 def _run_demo(run_dir: Path, settings: DemoSettings, device: str, progress: bool) -> DemoResult:
-    from m2det.config import get_config
+    from m2det.config import dataclass_from_dict, get_config
     from m2det.data import build_dataset
     from m2det.data.synthetic import ShapesConfig, generate_shapes_dataset
     from m2det.engine.evaluate import evaluate
@@ -135,14 +134,11 @@ def _run_demo(run_dir: Path, settings: DemoSettings, device: str, progress: bool
 
     start = time.perf_counter()
     say = typer.echo if progress else (lambda text: None)
-    shapes = ShapesConfig(**{**settings.shapes, "seed": settings.seed})
+    shapes = dataclass_from_dict(ShapesConfig, {**settings.shapes, "seed": settings.seed}, "shapes")
     say(f"generating {settings.num_train} + {settings.num_val} shapes images in {run_dir / 'data'}")
     data = generate_shapes_dataset(run_dir / "data", settings.num_train, settings.num_val, shapes)
 
-    try:
-        train_config = TrainConfig(**{**settings.train, "seed": settings.seed}).validate()
-    except TypeError as exc:
-        raise ValueError(f"demo train settings: {exc}") from None
+    train_config = TrainConfig.from_dict({**settings.train, "seed": settings.seed})
     model_config = get_config(
         "m2det_tiny",
         **settings.model,

@@ -20,10 +20,15 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def evaluate_command(
     data: str = typer.Option(
-        ..., "--data", help="Ground truth: a COCO .json, a Pascal VOC folder or a YOLO data.yaml."
+        ...,
+        "--data",
+        help="Ground truth: a COCO .json, a Pascal VOC folder, a YOLO data.yaml or a folder of images "
+        "with VOC XML files beside them.",
     ),
     split: str = typer.Option(
-        "val", "--split", help="VOC image set / YOLO split (a COCO json is one split)."
+        "val",
+        "--split",
+        help="VOC image set / YOLO split / image subfolder (a COCO json is one split).",
     ),
     weights: Optional[Path] = typer.Option(
         None, "--weights", help="Model to run: our .safetensors, or an official .pth with --preset."

@@ -21,11 +21,20 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def train(
     data: Optional[str] = typer.Option(
-        None, "--data", help="Training data: a COCO .json, a Pascal VOC folder or a YOLO data.yaml."
+        None,
+        "--data",
+        help="Training data: a COCO .json, a Pascal VOC folder, a YOLO data.yaml, or a folder of images "
+        "with VOC XML files beside them (LabelImg; train/val/test subfolders, or none).",
     ),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation data (default: --data)."),
-    train_split: str = typer.Option("train", help="Split of --data to train on (VOC image set, YOLO key)."),
-    val_split: str = typer.Option("val", help="Split of the validation data to score."),
+    train_split: str = typer.Option(
+        "train", help="Split of --data to train on (VOC image set, YOLO key, image subfolder)."
+    ),
+    val_split: str = typer.Option(
+        "val",
+        help="Split of the validation data to score. An image folder without val/ uses test/, and "
+        "without that a fixed tenth of train/, held out of training.",
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", help="YAML with a model: section (or preset:) and/or a train: section."
     ),
@@ -39,7 +48,8 @@ def train(
     overrides: list[str] = typer.Option(
         [],
         "--set",
-        help="Override KEY=VALUE, e.g. train.epochs=10, train.lr=1e-3, model.mlfpn.planes=128 (repeatable).",
+        help="Override KEY=VALUE, e.g. train.epochs=10, train.lr=1e-3, model.mlfpn.planes=128, "
+        "'train.milestones=[20, 25]' (repeatable; a bare key such as lr=1e-3 goes to the section that has it).",
     ),
     backbone_weights: Optional[Path] = typer.Option(
         None, "--backbone-weights", help="Local ImageNet weights for the backbone (.pth / .safetensors)."
@@ -66,7 +76,15 @@ def train(
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or per-epoch lines."),
 ) -> None:
-    """Train M2Det. Multi-GPU / multi-machine: `torchrun --nproc-per-node N -m m2det.cli.main train ...`."""
+    """Train M2Det. Multi-GPU / multi-machine: `torchrun --nproc-per-node N -m m2det.cli.main train ...`.
+
+    Examples:
+
+      m2det train --data photos/ --set train.epochs=50 --set train.lr=1e-3
+      m2det train --data voc/ --train-split trainval --val-split test
+      m2det train --data my.yaml --weights best.safetensors --set lr=4e-3
+      m2det train --resume runs/train/exp3
+    """
     import yaml
 
     from m2det.cli.common import next_run_dir
@@ -203,23 +221,27 @@ def _remove_if_unused(run_dir: Path) -> None:
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`model.X` / `train.X` keys to their section; a bare key goes to train if it names a train field."""
+    """`model.X` / `train.X` keys to their section; a bare key goes to the section that has it
+    (train first). A bare key neither has is an error naming the closest keys of both."""
+    from m2det.config import ModelConfig, unknown_key_message
     from m2det.engine.train_config import TrainConfig
 
-    train_fields = {f.name for f in fields(TrainConfig)}
-    model_overrides: dict[str, Any] = {}
-    train_overrides: dict[str, Any] = {}
+    sections = {
+        "train": [f.name for f in fields(TrainConfig)],
+        "model": [f.name for f in fields(ModelConfig)],
+    }
+    routed: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     for key, value in overrides.items():
         section, _, rest = key.partition(".")
-        if section == "train" and rest:
-            train_overrides[rest] = value
-        elif section == "model" and rest:
-            model_overrides[rest] = value
-        elif key in train_fields:
-            train_overrides[key] = value
-        else:
-            model_overrides[key] = value
-    return model_overrides, train_overrides
+        if section in routed and rest:
+            routed[section][rest] = value
+            continue
+        owner = next((name for name, keys in sections.items() if section in keys), None)
+        if owner is None:
+            valid = [f"{name}.{k}" for name, keys in sections.items() for k in keys]
+            raise ValueError(unknown_key_message(key, valid))
+        routed[owner][key] = value
+    return routed["model"], routed["train"]
 
 
 def load_configs(

@@ -199,15 +199,63 @@ def image_size(path: PathLike) -> tuple[int, int]:
         raise MalformedAnnotation(f"image {exc.source}: {exc.problem}") from None
 
 
-def _swapped_size_hint(path: PathLike) -> str:
-    """Why an image's width and height are the annotation's swapped, when EXIF orientation explains it."""
-    orientation = exif_orientation(path)
-    if orientation not in (5, 6, 7, 8):
-        return ""
-    return (
-        f" (its EXIF orientation {orientation} turns it upright: give sizes and boxes for the upright "
-        "image, as phones and labelling tools show it)"
-    )
+def parallel_path(
+    path: Path,
+    folders: Sequence[str],
+    replacement: str,
+    suffix: Optional[str] = None,
+    root: Optional[Path] = None,
+) -> Optional[Path]:
+    """`path` with its last folder named one of `folders` (below `root`, when given) replaced by
+    `replacement`, and its suffix by `suffix` when given: `.../images/train/a.jpg` ->
+    `.../labels/train/a.txt`. None when the path has no such folder."""
+    parts = list(path.parts)
+    first = len(root.parts) if root is not None else 0
+    for i in range(len(parts) - 1, first - 1, -1):
+        if parts[i] in folders:
+            parts[i] = replacement
+            parallel = Path(*parts)
+            return parallel.with_suffix(suffix) if suffix is not None else parallel
+    return None
+
+
+def size_problem(info: ImageInfo, width: int, height: int) -> Optional[str]:
+    """What is wrong when the image is `width` x `height` (upright) but its annotation says otherwise
+    (None when they agree), with the EXIF orientation named when it explains swapped sides."""
+    if (width, height) == (info.width, info.height):
+        return None
+    problem = f"image is {width}x{height} but its annotation says {info.width}x{info.height}"
+    if (height, width) == (info.width, info.height):
+        orientation = exif_orientation(info.path)
+        if orientation in (5, 6, 7, 8):
+            problem += (
+                f" (its EXIF orientation {orientation} turns it upright: give sizes and boxes for the "
+                "upright image, as phones and labelling tools show it)"
+            )
+    return problem
+
+
+def check_image_headers(records: list[Record], report: DataReport) -> list[Record]:
+    """The records whose image file opens as an image of the size its annotation says, from the
+    file's header (tens of microseconds an image); the others are reported and dropped.
+
+    Run when a data set is built, so that an unreadable or mislabelled file is named before
+    training starts, not when an epoch reaches it. Data cut short after a good header (a truncated
+    copy) is only found when the pixels are decoded, in `DetectionDataset.load_image`.
+    """
+    kept = []
+    for record in records:
+        try:
+            width, height = read_image_size(record.info.path)
+        except ImageReadError as exc:
+            report.add(exc.source, exc.problem, IMAGE_ACTION_DROPPED)
+            continue
+        problem = size_problem(record.info, width, height)
+        if problem is not None:
+            report.add(record.info.path, problem, IMAGE_ACTION_DROPPED)
+            continue
+        kept.append(record)
+    return kept
 
 
 class DetectionDataset(Dataset):
@@ -217,6 +265,8 @@ class DetectionDataset(Dataset):
     float32 [K, 4] XYXY pixels), `labels` int64 [K] in 1..C-1, `iscrowd` bool [K], `image_id`,
     `orig_size` tensor [2] (H, W) of the file's image. `transforms(image, target)` is applied last.
     Crowd (COCO) and difficult (VOC) boxes are removed unless `keep_ignored=True` (evaluation).
+    Every image's header is checked first (`check_image_headers`) unless the format read the
+    sizes from the headers itself (`sizes_from_headers`, YOLO).
     """
 
     def __init__(
@@ -227,7 +277,10 @@ class DetectionDataset(Dataset):
         *,
         transforms: Optional[Transform] = None,
         keep_ignored: bool = False,
+        sizes_from_headers: bool = False,
     ) -> None:
+        if not sizes_from_headers:
+            records = check_image_headers(records, report)
         if not records:
             raise DatasetError(
                 f"{report.source}: no usable images" + (f"\n{report.summary()}" if report.issues else "")
@@ -269,11 +322,8 @@ class DetectionDataset(Dataset):
         annotation was given for; `ImageReadError` naming the file when it is not usable."""
         info = self.records[index].info
         image = read_image(info.path)
-        height, width = image.shape[-2:]
-        if (height, width) != (info.height, info.width):
-            problem = f"image is {width}x{height} but its annotation says {info.width}x{info.height}"
-            if (height, width) == (info.width, info.height):
-                problem += _swapped_size_hint(info.path)
+        problem = size_problem(info, image.shape[-1], image.shape[-2])
+        if problem is not None:
             raise ImageReadError(info.path, problem)
         return tv_tensors.Image(image)
 

@@ -46,15 +46,20 @@ def voc_class_names(root: PathLike) -> tuple[str, ...]:
 
     Files that cannot be parsed are skipped here; the split that lists them reports them.
     """
-    annotations = Path(root).resolve() / "Annotations"
-    return _names_in(str(annotations), annotations.stat().st_mtime_ns)
+    return object_names(sorted((Path(root).resolve() / "Annotations").glob("*.xml")))
+
+
+def object_names(xml_files: Sequence[Path]) -> tuple[str, ...]:
+    """The sorted `<object><name>`s of VOC XML files; unparsable files are skipped (the data set
+    that uses them reports them). Cached on the files and their modification times, so train and
+    val of one data set parse them once."""
+    return _names_in(tuple((str(path), path.stat().st_mtime_ns) for path in xml_files))
 
 
 @functools.lru_cache(maxsize=8)
-def _names_in(annotations: str, mtime_ns: int) -> tuple[str, ...]:
-    """Cached per folder and folder change time: train and val of one data set parse the files once."""
+def _names_in(files: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
     names: set[str] = set()
-    for xml_path in sorted(Path(annotations).glob("*.xml")):
+    for xml_path, _ in files:
         try:
             tree = ET.parse(xml_path)
         except ET.ParseError:
@@ -87,22 +92,24 @@ def _find_image(root: Path, image_id: str, file_name: Optional[str]) -> Optional
     return next((p for p in candidates if p.is_file()), None)
 
 
-def parse_voc_xml(
+def read_voc_xml(xml_path: Path) -> ET.Element:
+    """The root element of an annotation file; `MalformedAnnotation` when it is not XML."""
+    try:
+        return ET.parse(xml_path).getroot()
+    except ET.ParseError as exc:
+        raise MalformedAnnotation(f"not valid XML ({exc})") from None
+
+
+def voc_record(
+    annotation: ET.Element,
     xml_path: Path,
-    root: Path,
-    image_id: str,
+    image_path: Path,
     numeric_id: int,
     class_index: dict[str, int],
     report: DataReport,
 ) -> Record:
-    """One annotation file as a record; `MalformedAnnotation` when it cannot be used."""
-    try:
-        annotation = ET.parse(xml_path).getroot()
-    except ET.ParseError as exc:
-        raise MalformedAnnotation(f"not valid XML ({exc})") from None
-    image_path = _find_image(root, image_id, annotation.findtext("filename"))
-    if image_path is None:
-        raise MalformedAnnotation(f"image not found: no JPEGImages/{image_id}.jpg (or other image suffix)")
+    """One parsed annotation file as the record of `image_path`; `MalformedAnnotation` when it
+    cannot be used. The size is read from the image when the file leaves it out or at 0."""
     width, height = (_size_field(annotation, tag) for tag in ("width", "height"))
     if width <= 0 or height <= 0:  # some VOC-style exporters leave the size out or at 0
         width, height = image_size(image_path)
@@ -127,6 +134,13 @@ def parse_voc_xml(
         difficult.append(flag is not None and flag.strip() not in ("", "0"))
     info = ImageInfo(path=image_path, image_id=numeric_id, width=width, height=height)
     return make_record(info, boxes, labels, difficult, xml_path, report)
+
+
+def class_index_of(names: Sequence[str], where: PathLike) -> dict[str, int]:
+    """Class name -> label (1..C); `DatasetError` when there are no names (`where` has no objects)."""
+    if not names:
+        raise DatasetError(f"{where}: no object names found, so no classes")
+    return {name: i + 1 for i, name in enumerate(names)}
 
 
 class VOCDetection(DetectionDataset):
@@ -158,9 +172,7 @@ class VOCDetection(DetectionDataset):
                 f"{split_file}: no such split; splits found: {', '.join(voc_splits(root)) or 'none'}"
             )
         names = list(class_names) if class_names is not None else list(voc_class_names(root))
-        if not names:
-            raise DatasetError(f"{root / 'Annotations'}: no object names found, so no classes")
-        class_index = {name: i + 1 for i, name in enumerate(names)}
+        class_index = class_index_of(names, root / "Annotations")
         report = DataReport(source=str(split_file), strict=strict)
         image_ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
         records = []
@@ -170,7 +182,13 @@ class VOCDetection(DetectionDataset):
                 report.add(xml_path, "annotation file not found", IMAGE_ACTION_DROPPED)
                 continue
             try:
-                records.append(parse_voc_xml(xml_path, root, image_id, position, class_index, report))
+                annotation = read_voc_xml(xml_path)
+                image_path = _find_image(root, image_id, annotation.findtext("filename"))
+                if image_path is None:
+                    raise MalformedAnnotation(
+                        f"image not found: no JPEGImages/{image_id}.jpg (or other image suffix)"
+                    )
+                records.append(voc_record(annotation, xml_path, image_path, position, class_index, report))
             except MalformedAnnotation as exc:
                 report.add(xml_path, str(exc), IMAGE_ACTION_DROPPED)
         self.root = root

@@ -24,6 +24,7 @@ from m2det.data.base import (
     image_size,
     logger,
     make_record,
+    parallel_path,
     parse_number,
 )
 from m2det.io.image import IMAGE_SUFFIXES
@@ -70,13 +71,9 @@ def _images_of(entry: Path, where: Path) -> list[Path]:
 
 
 def label_path(image_path: Path) -> Path:
-    """`.../images/.../name.jpg` -> `.../labels/.../name.txt` (the last `images` folder)."""
-    parts = list(image_path.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            break
-    return Path(*parts).with_suffix(".txt")
+    """`.../images/.../name.jpg` -> `.../labels/.../name.txt` (the last `images` folder; beside the
+    image when its path has none)."""
+    return parallel_path(image_path, ("images",), "labels", ".txt") or image_path.with_suffix(".txt")
 
 
 def parse_label_line(line: str, lineno: int, num_classes: int) -> tuple[int, list[float]]:
@@ -167,4 +164,6 @@ class YOLODetection(DetectionDataset):
             )
         self.data_yaml = yaml_path
         self.split = split
-        super().__init__(records, names, report, transforms=transforms, keep_ignored=keep_ignored)
+        super().__init__(
+            records, names, report, transforms=transforms, keep_ignored=keep_ignored, sizes_from_headers=True
+        )

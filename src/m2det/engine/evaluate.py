@@ -459,10 +459,12 @@ def ground_truth(dataset: Any) -> tuple[COCO, Optional[list[int]]]:
 
 
 def is_voc(dataset: Any) -> bool:
-    """Whether the data set is Pascal VOC style (integer pixel-index boxes: the devkit's +1 convention)."""
+    """Whether the data set is Pascal VOC style (integer pixel-index boxes: the devkit's +1 convention):
+    a VOC folder, or images with VOC XML files beside them."""
+    from m2det.data.folder import VOCImageFolder
     from m2det.data.voc import VOCDetection
 
-    return isinstance(dataset, VOCDetection)
+    return isinstance(dataset, (VOCDetection, VOCImageFolder))
 
 
 def _check_classes(model: torch.nn.Module, dataset: Any) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Sequence, Sized
@@ -27,6 +26,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from m2det.device import usable_cores
 from m2det.engine import distributed
 from m2det.engine.callbacks import EMA, Callback, CloseMosaic, EarlyStopping
 from m2det.engine.checkpoint_state import (
@@ -98,8 +98,7 @@ def cpu_threads(workers: int) -> int:
     More threads than free cores make PyTorch's CPU kernels wait on each other; on a shared
     two-core machine that slows training down several times instead of speeding it up.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - workers)
+    return max(1, usable_cores() - workers)
 
 
 def resolve_resume(path: PathLike) -> Path:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from m2det.config import dataclass_from_dict, read_yaml_mapping
+from m2det.config import dataclass_from_dict, read_yaml_mapping, replace_fields
+from m2det.device import default_workers
 from m2det.engine.schedule import LRSchedule
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -45,7 +46,7 @@ class TrainConfig:
     min_lr: float = 0.0  # floor of the cosine policy
     augment: bool = True  # the official SSD augmentation; False: resize only
     augment_settings: dict[str, Any] = field(default_factory=dict)  # m2det.data AugmentSettings overrides
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # min(4, usable cores - 1)
     amp: bool = True  # mixed precision; only takes effect on CUDA
     clip_grad: Optional[float] = None  # max global gradient norm, None = off
     eval_every: int = 10  # validate every N epochs (and after the last); 0 = only after the last
@@ -364,5 +365,6 @@ def get_train_config(name: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfi
 
 
 def with_train_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
-    """A validated copy of `config` with fields replaced (e.g. from `--set train.epochs=10`)."""
-    return dataclass_from_dict(TrainConfig, {**config.to_dict(), **overrides}, "train").validate()
+    """A validated copy of `config` with fields replaced (e.g. from `--set train.epochs=10`); see
+    `m2det.config.replace_fields` for dotted keys."""
+    return replace_fields(config, overrides, "train").validate()
