@@ -273,22 +273,19 @@ def load_configs(
         train_section = {**train_section, "preset": train_overrides.pop("preset")}
     has_model = bool(data) and ("model" in data or "train" not in data)
     base = ModelConfig.from_mapping(data, path) if has_model else None
-    try:
-        if checkpoint is not None:
-            from m2det.io.transfer import finetune_config
+    if checkpoint is not None:
+        from m2det.io.transfer import finetune_config
 
-            if base is None and preset is not None and not checkpoint.official:
-                base = get_config(preset)
-            model_config = finetune_config(checkpoint, base, **model_overrides)
-        else:
-            model_config = with_overrides(base or get_config(preset or "m2det320_vgg16"), **model_overrides)
-        if train_section:
-            train_config = TrainConfig.from_mapping({"train": train_section}, path or "--set")
-        else:
-            train_config = get_train_config("finetune" if checkpoint is not None else DEFAULT_PRESET)
-        train_config = with_train_overrides(train_config, **train_overrides)
-    except (TypeError, KeyError) as exc:
-        raise ValueError(f"--set: {exc}") from None
+        if base is None and preset is not None and not checkpoint.official:
+            base = get_config(preset)
+        model_config = finetune_config(checkpoint, base, **model_overrides)
+    else:
+        model_config = with_overrides(base or get_config(preset or "m2det320_vgg16"), **model_overrides)
+    if train_section:
+        train_config = TrainConfig.from_mapping({"train": train_section}, path or "--set")
+    else:
+        train_config = get_train_config("finetune" if checkpoint is not None else DEFAULT_PRESET)
+    train_config = with_train_overrides(train_config, **train_overrides)
     return model_config, train_config
 
 

@@ -227,10 +227,7 @@ class TrainConfig:
         """`augment_settings` as an `m2det.data.AugmentSettings` (the official ones where not given)."""
         from m2det.data.transforms import AugmentSettings
 
-        try:
-            return dataclass_from_dict(AugmentSettings, self.augment_settings, "train.augment_settings")
-        except (TypeError, KeyError) as exc:
-            raise ValueError(str(exc)) from None
+        return dataclass_from_dict(AugmentSettings, self.augment_settings, "train.augment_settings")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
