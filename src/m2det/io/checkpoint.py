@@ -51,16 +51,36 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def read_metadata(path: Union[str, Path]) -> dict[str, str]:
-    path = Path(path)
+def _safetensors_metadata(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"{path}: not a safetensors file ({exc})") from None
-    if metadata.get("format") != FORMAT or "config" not in metadata:
+
+
+def read_safetensors(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the metadata of any safetensors file (ours or not); errors name the file."""
+    path = Path(path)
+    metadata = _safetensors_metadata(path)
+    try:
+        return load_file(str(path)), metadata
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def is_model_metadata(metadata: dict[str, str]) -> bool:
+    """Whether safetensors metadata is that of our model file (format tag and configuration)."""
+    return metadata.get("format") == FORMAT and "config" in metadata
+
+
+def read_metadata(path: Union[str, Path]) -> dict[str, str]:
+    """The metadata of our model file; other files are refused with a message saying what to do."""
+    path = Path(path)
+    metadata = _safetensors_metadata(path)
+    if not is_model_metadata(metadata):
         raise ValueError(
             f"{path}: a safetensors file without an m2det config; convert official .pth files with `m2det convert`"
         )

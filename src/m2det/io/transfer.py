@@ -112,20 +112,12 @@ def read_checkpoint(
     path = Path(source)
     where = where or str(path)
     if path.suffix == ".safetensors":
-        from m2det.io.checkpoint import FORMAT
+        from m2det.io.checkpoint import is_model_metadata, read_safetensors
 
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            state = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-        if metadata.get("format") == FORMAT and "config" in metadata:
+        state, metadata = read_safetensors(path)
+        if is_model_metadata(metadata):
             config = ModelConfig.from_dict(json.loads(metadata["config"]))
             return Checkpoint(state, where, config, config.class_names)
         if is_official_layout(state):
