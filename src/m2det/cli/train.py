@@ -255,9 +255,10 @@ def load_configs(
 
     Starting from a trained detector (`checkpoint`, see `m2det.io.transfer`), the model is the
     checkpoint's own unless the file or `preset` names one (for an official checkpoint `preset` is
-    what it was trained as), and the training settings start from the `finetune` preset unless the
-    file has a `train:` section. A `preset` among the training overrides (`--set train.preset=NAME`)
-    replaces the file's `train: preset:`; the file's other training fields still apply.
+    what it was trained as). The training settings start from the `finetune` preset then, else from
+    `DEFAULT_PRESET`; a file's `train:` section changes them unless it names its own `preset:`. A
+    `preset` among the training overrides (`--set train.preset=NAME`) replaces the file's
+    `train: preset:`; the file's other training fields still apply.
     """
     from m2det.config import ModelConfig, get_config, read_yaml_mapping, with_overrides
     from m2det.engine.train_config import (
@@ -271,6 +272,10 @@ def load_configs(
     train_section = data.get("train") or {}
     if "preset" in train_overrides:  # `--set train.preset=NAME` as if the file's train: said so
         train_section = {**train_section, "preset": train_overrides.pop("preset")}
+    # a train: section changes the recipe the command would start from, as ultralytics' cfg does
+    default_recipe = "finetune" if checkpoint is not None else DEFAULT_PRESET
+    if train_section and "preset" not in train_section:
+        train_section = {"preset": default_recipe, **train_section}
     has_model = bool(data) and ("model" in data or "train" not in data)
     base = ModelConfig.from_mapping(data, path) if has_model else None
     if checkpoint is not None:
@@ -284,7 +289,7 @@ def load_configs(
     if train_section:
         train_config = TrainConfig.from_mapping({"train": train_section}, path or "--set")
     else:
-        train_config = get_train_config("finetune" if checkpoint is not None else DEFAULT_PRESET)
+        train_config = get_train_config(default_recipe)
     train_config = with_train_overrides(train_config, **train_overrides)
     return model_config, train_config
 

@@ -321,6 +321,24 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "freeze_backbone_bn": True,
         "lr_mults": {"backbone": 0.1},
     },
+    # From scratch, the network still the paper's: the paper's losses and matcher with AdamW at 2e-3
+    # (weight decay 0.05), batch 8, a warm-up from lr/10 over the first twelfth of the schedule, a
+    # cosine to 0 and gradients clipped at 10. It learns the most of the recipes measured in the same
+    # CPU budget on BCCD (benchmarks/recipes_bccd.py; docs/train.md), so it is `DEFAULT_PRESET`. With
+    # `--time`, the 120 epochs are stretched onto the budget: only the warm-up's share (1/12) counts.
+    "adamw_cosine": {
+        "epochs": 120,
+        "batch_size": 8,
+        "optimizer": "adamw",
+        "lr": 2e-3,
+        "weight_decay": 0.05,
+        "warmup_epochs": 10.0,
+        "warmup_start_lr": 2e-4,
+        "policy": "cosine",
+        "milestones": [],
+        "min_lr": 0.0,
+        "clip_grad": 10.0,
+    },
     # From scratch on a small data set, the network still the paper's: what current one-stage
     # detectors train with (AdamW without decay on norms and biases, a cosine after a short warm-up,
     # gradient clipping, an EMA of the weights). See docs/train.md.
@@ -348,8 +366,9 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# What `m2det train` starts from without --config or --weights; the recipe benchmark decides it.
-DEFAULT_PRESET = "paper"
+# What `m2det train` starts from without --config or --weights; the recipe benchmark decides it
+# (`paper` reproduces the paper and stays one `--set train.preset=paper` away).
+DEFAULT_PRESET = "adamw_cosine"
 
 
 def get_train_config(name: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
