@@ -364,6 +364,18 @@ def test_the_default_preset_is_the_benchmarked_adamw_cosine_recipe_at_every_inst
     assert preset.schedule().lr_at(0.0) == 2e-4 and preset.schedule().lr_at(120.0) == 0.0
 
 
+def test_the_default_preset_repeats_under_a_seed_and_other_seeds_differ(tmp_path):
+    def trained(seed: int, name: str) -> dict:
+        config = get_train_config(DEFAULT_PRESET, epochs=2, batch_size=4, workers=0, seed=seed)
+        model = tiny_model(seed=0)  # the same start: only the training's own randomness differs
+        _trainer(tmp_path / name, config, model).fit()
+        return weights(model)
+
+    first, again, other = trained(5, "a"), trained(5, "b"), trained(6, "c")
+    assert all(torch.equal(v, again[k]) for k, v in first.items())
+    assert not all(torch.equal(v, other[k]) for k, v in first.items())
+
+
 def test_the_modern_preset_turns_the_new_blocks_on():
     modern = get_train_config("modern", epochs=40)
     assert (modern.optimizer, modern.policy, modern.epochs, modern.milestones) == ("adamw", "cosine", 40, [])
