@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from m2det.cli.common import parse_overrides, user_errors
+from m2det.errors import ConfigError
 
 
 # The budget: about 13,000 training images at 128 pixels fit in five minutes on one core. Large,
@@ -90,7 +91,7 @@ class DemoSettings:
         for key in overrides:
             section, _, leaf = key.partition(".")
             if not (leaf and section in sections) and key not in top:
-                raise ValueError(
+                raise ConfigError(
                     f"--set {key}: unknown demo setting; use one of {', '.join(top)} "
                     "or shapes.FIELD, model.FIELD, train.FIELD"
                 )

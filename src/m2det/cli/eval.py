@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from m2det.cli.common import parse_sizes, user_errors
+from m2det.errors import M2DetError
 
 if TYPE_CHECKING:
     from m2det.engine.evaluate import EvalResult
@@ -77,9 +78,9 @@ def evaluate_command(
     from m2det.engine.evaluate import evaluate, is_voc
 
     if (weights is None) == (detections is None):
-        raise ValueError("give exactly one of --weights (run a model) or --detections (score a results file)")
+        raise M2DetError("give exactly one of --weights (run a model) or --detections (score a results file)")
     if detections is not None and preset is not None:
-        raise ValueError("--preset goes with --weights (an official .pth checkpoint), not with --detections")
+        raise M2DetError("--preset goes with --weights (an official .pth checkpoint), not with --detections")
     extra: dict[str, Any] = {"data": str(data), "split": split}
     if detections is not None:
         result, extra["voc_plus_one"] = _score_results_file(detections, data, split, max_images, voc_plus_one)

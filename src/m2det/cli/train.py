@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 
 from m2det.cli.common import parse_overrides, user_errors
+from m2det.errors import ConfigError, M2DetError
 
 ARGS_FILE = "args.yaml"  # the data arguments of a run, so that `--resume` needs nothing else
 TRANSFER_FILE = "transfer.json"  # what --weights loaded, mapped and re-initialised
@@ -107,13 +108,13 @@ def train(
     info, _ = distributed.setup(device)
     try:
         if resume is not None and weights is not None:
-            raise ValueError(
+            raise M2DetError(
                 "--resume continues a run exactly, from its own weights; --weights starts a new run from "
                 "a trained detector: they cannot be combined"
             )
         if resume is not None:
             if overrides or config is not None or backbone_weights is not None or time_limit is not None:
-                raise ValueError(
+                raise M2DetError(
                     "--resume continues a run with its own settings; --config, --set, --time and "
                     "--backbone-weights cannot change it (start a new run instead)"
                 )
@@ -128,14 +129,14 @@ def train(
                 "val_split": stored.get("val_split", val_split),
             }
             if not data_args["data"]:
-                raise ValueError(f"--resume {resume}: {run_dir / ARGS_FILE} is missing; give --data again")
+                raise M2DetError(f"--resume {resume}: {run_dir / ARGS_FILE} is missing; give --data again")
             checkpoint = load_checkpoint(run_dir)
             model_config = read_config(checkpoint.model_path)
             model_config.backbone.weights = None  # the checkpoint holds the trained backbone
             train_config = TrainConfig.from_dict(checkpoint.state["train_config"])
         else:
             if not data:
-                raise ValueError("--data is required (a COCO .json, a Pascal VOC folder or a YOLO data.yaml)")
+                raise M2DetError("--data is required (a COCO .json, a Pascal VOC folder or a YOLO data.yaml)")
             data_args = {
                 "data": str(Path(data).resolve()),
                 "val_data": str(Path(val_data).resolve()) if val_data else None,
@@ -149,7 +150,7 @@ def train(
                 from m2det.io.transfer import read_checkpoint
 
                 if backbone_weights is not None:
-                    raise ValueError(
+                    raise M2DetError(
                         "--weights holds the backbone already; --backbone-weights is for starting from "
                         "ImageNet weights"
                     )
@@ -239,7 +240,7 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
         owner = next((name for name, keys in sections.items() if section in keys), None)
         if owner is None:
             valid = [f"{name}.{k}" for name, keys in sections.items() for k in keys]
-            raise ValueError(unknown_key_message(key, valid))
+            raise ConfigError(unknown_key_message(key, valid))
         routed[owner][key] = value
     return routed["model"], routed["train"]
 
@@ -307,7 +308,7 @@ def build_datasets(data_args: dict[str, Any], model_config: Any, train_config: A
         data_args["val_data"] or data_args["data"], data_args["val_split"], keep_ignored=True
     )
     if list(val_set.class_names) != list(train_set.class_names):
-        raise ValueError(
+        raise M2DetError(
             f"validation classes {val_set.class_names[:10]} differ from training classes {train_set.class_names[:10]}"
         )
     return train_set, val_set

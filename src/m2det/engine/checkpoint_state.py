@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from m2det.errors import FileFormatError
 from m2det.io.checkpoint import read_metadata, save_model
 from m2det.io.torchfile import read_torch_file, remove_temporaries, write_bytes_atomic
 
@@ -88,7 +89,7 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"training state not found: {path}")
     state = read_torch_file(path)
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: not an m2det training state (version {STATE_VERSION} expected)")
+        raise FileFormatError(f"{path}: not an m2det training state (version {STATE_VERSION} expected)")
     return state
 
 
@@ -133,7 +134,7 @@ def load_checkpoint(run_dir: PathLike) -> Checkpoint:
         raise FileNotFoundError(f"{model_path}: its training state {state_path} is missing")
     state = load_training_state(state_path)
     if extra.get("epoch") != state["epoch"]:
-        raise ValueError(
+        raise FileFormatError(
             f"{run_dir}: {LAST_MODEL} is from epoch {extra.get('epoch')} but {state_path.name} from epoch "
             f"{state['epoch']}; the run was interrupted while saving and cannot resume exactly"
         )
@@ -149,14 +150,14 @@ def named_state(run_dir: PathLike) -> Optional[str]:
 def _model_extra(model_path: Path) -> dict[str, Any]:
     extra = json.loads(read_metadata(model_path).get("extra", "{}"))
     if not isinstance(extra, dict):
-        raise ValueError(f"{model_path}: its extra metadata is not a mapping")
+        raise FileFormatError(f"{model_path}: its extra metadata is not a mapping")
     return extra
 
 
 def _state_name(model_path: Path, extra: dict[str, Any]) -> str:
     name = extra.get(STATE_KEY, LEGACY_STATE)
     if not isinstance(name, str) or not _STATE_NAME.fullmatch(name):
-        raise ValueError(f"{model_path}: names {name!r} as its training state, not a state file name")
+        raise FileFormatError(f"{model_path}: names {name!r} as its training state, not a state file name")
     return name
 
 

@@ -24,6 +24,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from m2det.engine.voc_eval import mean_ap, voc_evaluate
+from m2det.errors import FileFormatError, M2DetError
 from m2det.inference.results import coco_results
 from m2det.io.jsonfile import finite_json, read_json, write_json
 from m2det.io.torchfile import atomic_path
@@ -163,14 +164,14 @@ def _check_fields(entry: Any, fields: dict[str, str], where: str) -> None:
     """Raise a ValueError naming `where` and the field unless `entry` is an object whose `fields`
     (name -> kind of `_KINDS`) are all present and valid."""
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+        raise FileFormatError(f"{where}: expected an object, got {type(entry).__name__}")
     missing = [name for name in fields if name not in entry]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
+        raise FileFormatError(f"{where}: missing field(s) {missing}")
     for name, kind in fields.items():
         test, expected = _KINDS[kind]
         if not test(entry[name]):
-            raise ValueError(f"{where}: field {name!r} must be {expected}, got {entry[name]!r}")
+            raise FileFormatError(f"{where}: field {name!r} must be {expected}, got {entry[name]!r}")
 
 
 def check_detections(
@@ -187,7 +188,7 @@ def check_detections(
     leave the detection out (an unknown category) or take `true` for the id 1.
     """
     if not isinstance(detections, list):
-        raise ValueError(
+        raise FileFormatError(
             f"{source}: expected a list of detections in COCO results format, got {type(detections).__name__}"
         )
     image_ids = set(coco_gt.getImgIds())
@@ -197,12 +198,12 @@ def check_detections(
         where = f"{source}: detection {i}"
         _check_fields(det, DETECTION_FIELDS, where)
         if det["image_id"] not in image_ids:
-            raise ValueError(
+            raise FileFormatError(
                 f"{where}: field 'image_id' {det['image_id']!r} is not an image of the ground truth "
                 f"({len(image_ids)} images, ids e.g. {sorted(image_ids)[:5]})"
             )
         if det["category_id"] not in known_categories:
-            raise ValueError(
+            raise FileFormatError(
                 f"{where}: field 'category_id' {det['category_id']!r} is not a category of the ground truth "
                 f"(ids {sorted(known_categories)[:20]})"
             )
@@ -240,7 +241,7 @@ def read_coco_gt(path: Union[str, Path]) -> COCO:
             _check_fields(entry, fields, f"{path}: {key}[{k}]")
     for key in ("images", "categories"):
         if not data[key]:
-            raise ValueError(f"{path}: {key!r} is empty, so there is nothing to score")
+            raise FileFormatError(f"{path}: {key!r} is empty, so there is nothing to score")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
@@ -470,7 +471,7 @@ def is_voc(dataset: Any) -> bool:
 def _check_classes(model: torch.nn.Module, dataset: Any) -> None:
     names = list(dataset.class_names)
     if model.num_classes - 1 != len(names):
-        raise ValueError(
+        raise M2DetError(
             f"the model predicts {model.num_classes - 1} classes but the data set has {len(names)} "
             f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
         )

@@ -41,6 +41,7 @@ from m2det.engine.checkpoint_state import (
 from m2det.engine.finetune import parameter_groups, prepare_epoch
 from m2det.engine.schedule import TimeBudget, build_scheduler
 from m2det.engine.train_config import TrainConfig
+from m2det.errors import ConfigError, M2DetError
 from m2det.io.checkpoint import load_weights, save_model
 from m2det.io.torchfile import atomic_path
 from m2det.progress import progress_bar
@@ -155,7 +156,7 @@ class Trainer:
         if names is None:
             return
         if config.num_classes != len(names) + 1:
-            raise ValueError(
+            raise M2DetError(
                 f"the model has num_classes={config.num_classes} (background included) but the training "
                 f"data has {len(names)} classes {list(names)[:10]}: build the model with "
                 f"num_classes={len(names) + 1}"
@@ -163,7 +164,7 @@ class Trainer:
         if config.class_names is None:
             config.class_names = list(names)
         elif list(config.class_names) != list(names):
-            raise ValueError(
+            raise M2DetError(
                 f"the model's class_names {config.class_names[:10]} differ from the training data's "
                 f"{list(names)[:10]}"
             )
@@ -294,14 +295,14 @@ class TrainingRun:
     def _build(self, state: Optional[dict[str, Any]]) -> None:
         config, info = self.config, self.info
         if config.batch_size % info.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={config.batch_size} (the global batch) must be divisible by the "
                 f"number of processes ({info.world_size})"
             )
         self.model.to(self.device)
         if config.sync_bn and info.is_distributed:
             if self.device.type != "cuda":
-                raise ValueError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+                raise ConfigError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.eval_model = self.model
         self.model.loss_fn = config.build_loss(self.model)  # the training settings own the loss
@@ -309,7 +310,7 @@ class TrainingRun:
             try:
                 self.model.anchors(size)
             except ValueError as exc:
-                raise ValueError(f"train.multiscale_sizes: {exc}") from None
+                raise ConfigError(f"train.multiscale_sizes: {exc}") from None
         self._wrap()
         self.loader = self._loader()
         self.steps_per_epoch = len(self.loader)
@@ -332,7 +333,7 @@ class TrainingRun:
             seed_everything(config.seed + info.rank)
             return
         if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(
+            raise M2DetError(
                 f"{self.run_dir}: the run had {state['steps_per_epoch']} steps per epoch, this one has "
                 f"{self.steps_per_epoch}; resume with the same data and train.batch_size"
             )
@@ -381,7 +382,7 @@ class TrainingRun:
         )
         if len(loader) == 0:
             size = len(self.trainer.train_set) if isinstance(self.trainer.train_set, Sized) else "?"
-            raise ValueError(
+            raise M2DetError(
                 f"the training data has {size} images, fewer than one batch per process "
                 f"(train.batch_size={config.batch_size} over {info.world_size} process(es))"
             )

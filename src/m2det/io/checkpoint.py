@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from m2det.config import ModelConfig
+from m2det.errors import FileFormatError
 from m2det.io.torchfile import shared_state_groups, write_bytes_atomic
 
 FORMAT = "m2det"
@@ -45,7 +46,7 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in stored if k not in own)
     if missing or unexpected:
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: weights do not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
         )
     model.load_state_dict(state, strict=True)
@@ -58,7 +59,7 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a safetensors file ({exc})") from None
+        raise FileFormatError(f"{path}: not a safetensors file ({exc})") from None
 
 
 def read_safetensors(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -68,7 +69,7 @@ def read_safetensors(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[st
     try:
         return load_file(str(path)), metadata
     except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise FileFormatError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def is_model_metadata(metadata: dict[str, str]) -> bool:
@@ -81,7 +82,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, str]:
     path = Path(path)
     metadata = _safetensors_metadata(path)
     if not is_model_metadata(metadata):
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: a safetensors file without an m2det config; convert official .pth files with `m2det convert`"
         )
     return metadata

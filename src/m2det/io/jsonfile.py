@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from m2det.errors import FileFormatError
 from m2det.io.torchfile import atomic_path, errors_name
 
 
@@ -85,5 +86,5 @@ def read_json_lines(path: Union[str, Path]) -> list[Any]:
         except json.JSONDecodeError as exc:
             if number == len(lines):  # unterminated: the write was cut short
                 break
-            raise ValueError(f"{path}, line {number}: not valid JSON ({exc})") from None
+            raise FileFormatError(f"{path}, line {number}: not valid JSON ({exc})") from None
     return records
