@@ -6,6 +6,7 @@ import csv
 import errno
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,7 +23,7 @@ from m2det.engine.checkpoint_state import LAST_MODEL, LEGACY_STATE, load_checkpo
 from m2det.engine.schedule import LRSchedule, build_scheduler
 from m2det.engine.train import Trainer, TrainingDiverged
 from m2det.engine.train_config import TrainConfig, get_train_config
-from m2det.io.checkpoint import load_weights, read_metadata
+from m2det.io.checkpoint import load_weights, read_config, read_metadata
 from m2det.io.torchfile import atomic_path, is_temporary
 from train_helpers import ToyBoxes, tiny_cli_data, tiny_model, weights
 
@@ -204,7 +205,21 @@ def test_run_folder_contents_and_loss_curve(tmp_path):
     assert {"results.csv", "config.yaml", "loss_curve.png", "tensorboard"} <= names
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert result.images_per_second > 0 and math.isfinite(result.images_per_second)
-    assert model.config.class_names == ToyBoxes.class_names
+    # the run's files name the data's classes; the caller's model config is left as it was given
+    assert read_config(tmp_path / "run" / LAST_MODEL).class_names == ToyBoxes.class_names
+    assert read_config(tmp_path / "run" / "epoch_002.safetensors").class_names == ToyBoxes.class_names
+    assert model.config.class_names is None
+
+
+def test_the_trainer_logs_its_lines(tmp_path, caplog):
+    """The per-epoch and final lines are log records of m2det.train, with or without a progress bar."""
+    caplog.set_level(logging.INFO, logger="m2det")
+    Trainer(
+        tiny_model(), _config(epochs=2), ToyBoxes(8), run_dir=tmp_path / "run", device="cpu", progress=False
+    ).fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "m2det.train"]
+    assert [line.split("  ")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"]
+    assert lines[-1].startswith("done: 2 epochs in ")
 
 
 def test_progress_bar_in_a_log_file_stays_sparse(tmp_path, monkeypatch):

@@ -101,7 +101,9 @@ def train(
     from m2det.io.checkpoint import read_config
     from m2det.io.torchfile import atomic_path
     from m2det.models import build_model
+    from m2det.progress import show_logs
 
+    show_logs(quiet)  # the trainer's epoch lines, above its progress bar
     model_overrides, train_overrides = split_overrides(parse_overrides(overrides))
     if time_limit is not None:
         train_overrides["time_limit_min"] = time_limit

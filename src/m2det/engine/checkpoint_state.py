@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from m2det.config import ModelConfig
 from m2det.errors import FileFormatError
 from m2det.io.checkpoint import read_metadata, save_model
 from m2det.io.torchfile import read_torch_file, remove_temporaries, write_bytes_atomic
@@ -94,18 +95,22 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    run_dir: PathLike, model: torch.nn.Module, state: dict[str, Any], extra: dict[str, Any]
+    run_dir: PathLike,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    extra: dict[str, Any],
+    config: Optional[ModelConfig] = None,
 ) -> Path:
     """Write `model` and its training `state` (with an `epoch`) as the run folder's last checkpoint.
 
     The steps are in the module docstring. An error leaves the previous checkpoint in place.
-    Returns the path of the model file, `last.safetensors`.
+    Returns the path of the model file, `last.safetensors`; `config` as in `save_model`.
     """
     run_dir = Path(run_dir)
     state_path = run_dir / f"last_state_{int(state['epoch']):03d}_{secrets.token_hex(4)}.pt"
     save_training_state(state_path, state)
     try:
-        save_model(model, run_dir / LAST_MODEL, extra={**extra, STATE_KEY: state_path.name})
+        save_model(model, run_dir / LAST_MODEL, extra={**extra, STATE_KEY: state_path.name}, config=config)
     except BaseException:
         # nothing names the new state unless the rename was done and only a later flush failed
         with contextlib.suppress(Exception):

@@ -22,11 +22,17 @@ FORMAT = "m2det"
 
 
 def save_model(
-    model: torch.nn.Module, path: Union[str, Path], extra: Union[dict[str, Any], None] = None
+    model: torch.nn.Module,
+    path: Union[str, Path],
+    extra: Union[dict[str, Any], None] = None,
+    config: Union[ModelConfig, None] = None,
 ) -> Path:
-    """Write `model` (an M2Det) to `path` as safetensors + config, atomically and durably."""
+    """Write `model` (an M2Det) to `path` as safetensors + config, atomically and durably.
+
+    `config` is written instead of `model.config` when given (the trainer adds the data's class
+    names there rather than changing the caller's model)."""
     path = Path(path)
-    metadata = {"format": FORMAT, "config": model.config.to_json()}
+    metadata = {"format": FORMAT, "config": (config or model.config).to_json()}
     if extra:
         metadata["extra"] = json.dumps(extra)
     unique = {names[0]: tensor.detach().cpu().contiguous() for names, tensor in shared_state_groups(model)}
