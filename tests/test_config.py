@@ -245,7 +245,7 @@ def test_set_errors_on_the_command_line_are_one_line(tmp_path):
 
 
 def test_demo_settings_are_type_checked():
-    from m2det.cli.demo import DemoSettings
+    from m2det.engine.demo import DemoSettings
 
     settings = DemoSettings().with_overrides({"train.lr": 1e-3, "threads": 1, "shapes.clutter": 0})
     assert (settings.train["lr"], settings.threads, settings.shapes["clutter"]) == (1e-3, 1, 0)
