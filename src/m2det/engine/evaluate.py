@@ -623,3 +623,102 @@ def evaluate(
     )
     result.seconds = seconds
     return result
+
+
+# ----- the two flows of `m2det eval`: a results file scored, or a model run and scored -----
+def score_results_file(
+    detections: Union[str, Path],
+    data: str,
+    split: str = "val",
+    *,
+    max_images: Optional[int] = None,
+    voc_plus_one: Optional[bool] = None,
+) -> tuple[EvalResult, dict[str, Any]]:
+    """Score a COCO results file against the ground truth `data` (all images, or the first
+    `max_images`); returns the result and what was scored, for its metrics.json.
+
+    A COCO json is read as written and scored as pycocotools scores it, so the numbers are
+    pycocotools' to the last digit and no image files are needed. VOC and YOLO ground truth goes
+    through the data set, which turns it into COCO form. VOC AP uses the devkit's +1 pixel areas
+    when `voc_plus_one` says so, by default for VOC data only.
+    """
+    from m2det.data import build_dataset
+
+    category_ids: Optional[list[int]] = None  # a COCO json's own ids
+    if Path(data).suffix.lower() == ".json":  # a COCO json, as build_dataset decides
+        coco_gt = read_coco_gt(data)
+        image_ids = [image["id"] for image in coco_gt.dataset["images"]]
+        pixel_inclusive = bool(voc_plus_one)
+    else:
+        dataset = build_dataset(data, split, keep_ignored=True)
+        coco_gt = dataset.coco_gt()
+        category_ids = dataset_category_ids(dataset)
+        image_ids = [dataset.image_info(i).image_id for i in range(len(dataset))]
+        pixel_inclusive = is_voc(dataset) if voc_plus_one is None else voc_plus_one
+    result = score_detections(
+        coco_gt,
+        read_detections(detections, coco_gt, category_ids),
+        category_ids=category_ids,
+        image_ids=image_ids[:max_images],
+        voc_pixel_inclusive=pixel_inclusive,
+    )
+    described = {"data": str(data), "split": split, "voc_plus_one": pixel_inclusive}
+    return result, {**described, "detections": str(detections)}
+
+
+def evaluate_weights(
+    weights: Union[str, Path],
+    data: str,
+    split: str = "val",
+    *,
+    preset: Optional[str] = None,
+    device: str = "auto",
+    settings: str = "paper",
+    score_threshold: Optional[float] = None,
+    sizes: Optional[list[int]] = None,
+    flip: bool = False,
+    batch_size: int = 8,
+    workers: int = 0,
+    max_images: Optional[int] = None,
+    voc_plus_one: Optional[bool] = None,
+) -> tuple[EvalResult, dict[str, Any]]:
+    """Run the model file `weights` (an official .pth with its `preset`) on `data` with these
+    post-processing settings and test-time options, and score it; returns the result and what
+    was run, for its metrics.json. VOC AP's +1 pixel areas: as in `score_results_file`."""
+    from dataclasses import asdict
+
+    from m2det.data import build_dataset
+    from m2det.device import resolve_device
+    from m2det.inference.detector import Detector
+
+    dataset = build_dataset(data, split, keep_ignored=True)
+    pixel_inclusive = is_voc(dataset) if voc_plus_one is None else voc_plus_one
+    detector = Detector(
+        weights,
+        preset=preset,
+        device=resolve_device(device),
+        score_threshold=score_threshold,
+        settings=settings,
+        batch_size=batch_size,
+        sizes=sizes,
+        flip=flip,
+    )
+    result = evaluate(
+        detector,
+        dataset,
+        batch_size=batch_size,
+        workers=workers,
+        max_images=max_images,
+        voc_pixel_inclusive=pixel_inclusive,
+    )
+    return result, {
+        "data": str(data),
+        "split": split,
+        "voc_plus_one": pixel_inclusive,
+        "weights": str(weights),
+        "model": detector.model.config.name,
+        "settings": asdict(detector.settings),
+        "sizes": detector.sizes,
+        "flip": detector.flip,
+        "device": str(detector.device),
+    }
