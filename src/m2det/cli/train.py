@@ -28,13 +28,16 @@ def train(
         "with VOC XML files beside them (LabelImg; train/val/test subfolders, or none).",
     ),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation data (default: --data)."),
-    train_split: str = typer.Option(
-        "train", help="Split of --data to train on (VOC image set, YOLO key, image subfolder)."
+    train_split: Optional[str] = typer.Option(
+        None,
+        "--train-split",
+        help="Split of --data to train on (VOC image set, YOLO key, image subfolder; default train).",
     ),
-    val_split: str = typer.Option(
-        "val",
-        help="Split of the validation data to score. An image folder without val/ uses test/, and "
-        "without that a fixed tenth of train/, held out of training.",
+    val_split: Optional[str] = typer.Option(
+        None,
+        "--val-split",
+        help="Split of the validation data to score (default val). An image folder without val/ uses "
+        "test/, and without that a fixed tenth of train/, held out of training.",
     ),
     config: Optional[Path] = typer.Option(
         None, "--config", help="YAML with a model: section (or preset:) and/or a train: section."
@@ -68,7 +71,10 @@ def train(
         "warm-up and decay, is fitted to the time, which ends the run.",
     ),
     resume: Optional[Path] = typer.Option(
-        None, "--resume", help="Continue a run exactly: its folder (or a file in it)."
+        None,
+        "--resume",
+        help="Continue a run exactly: its folder (or a file in it). Data options given here replace "
+        "the run's; those not given are the run's own.",
     ),
     project: Path = typer.Option(Path("runs/train"), "--project", help="Parent folder of new runs."),
     name: str = typer.Option("exp", "--name", help="Run folder name prefix: NAME1, NAME2, ..."),
@@ -85,6 +91,9 @@ def train(
       m2det train --data voc/ --train-split trainval --val-split test
       m2det train --data my.yaml --weights best.safetensors --set lr=4e-3
       m2det train --resume runs/train/exp3
+      m2det train --resume runs/train/exp3 --data /new/place/of/photos/
+
+    With --resume, an option given on the command line wins over what the run stored: the data options (--data, --val-data, --train-split, --val-split) given replace the run's and are stored for the next resume; those not given are the run's own. The run's settings (--config, --set, --time, --backbone-weights, --weights) cannot change on resume: giving one is an error.
     """
     import yaml
 
@@ -107,6 +116,7 @@ def train(
     model_overrides, train_overrides = split_overrides(parse_overrides(overrides))
     if time_limit is not None:
         train_overrides["time_limit_min"] = time_limit
+    given = {"data": data, "val_data": val_data, "train_split": train_split, "val_split": val_split}
     info, _ = distributed.setup(device)
     try:
         if resume is not None and weights is not None:
@@ -121,15 +131,12 @@ def train(
                     "--backbone-weights cannot change it (start a new run instead)"
                 )
             run_dir = resolve_resume(resume)
-            stored = (
-                yaml.safe_load((run_dir / ARGS_FILE).read_text()) if (run_dir / ARGS_FILE).is_file() else {}
+            stored: dict[str, Any] = (
+                yaml.safe_load((run_dir / ARGS_FILE).read_text()) or {}
+                if (run_dir / ARGS_FILE).is_file()
+                else {}
             )
-            data_args = {
-                "data": data or stored.get("data"),
-                "val_data": val_data or stored.get("val_data"),
-                "train_split": stored.get("train_split", train_split),
-                "val_split": stored.get("val_split", val_split),
-            }
+            data_args = resolve_data_args(given, stored)
             if not data_args["data"]:
                 raise M2DetError(f"--resume {resume}: {run_dir / ARGS_FILE} is missing; give --data again")
             checkpoint = load_checkpoint(run_dir)
@@ -139,12 +146,8 @@ def train(
         else:
             if not data:
                 raise M2DetError("--data is required (a COCO .json, a Pascal VOC folder or a YOLO data.yaml)")
-            data_args = {
-                "data": str(Path(data).resolve()),
-                "val_data": str(Path(val_data).resolve()) if val_data else None,
-                "train_split": train_split,
-                "val_split": val_split,
-            }
+            stored = {}  # a new run: the command line and the defaults
+            data_args = resolve_data_args(given, stored)
             if info.is_main and not val_data and Path(data).suffix.lower() == ".json":
                 typer.echo("note: no --val-data: validating on the training json itself", err=True)
             checkpoint = None
@@ -179,13 +182,13 @@ def train(
         if resume is None:
             # made only now that the data and the model are built, so that a bad start leaves no folder
             run_dir = distributed.broadcast_object(next_run_dir(project, name) if info.is_main else None)
-            if info.is_main:
-                with atomic_path(run_dir / ARGS_FILE) as tmp:
-                    tmp.write_text(yaml.safe_dump(data_args, sort_keys=False))
-                if report is not None:
-                    from m2det.io.jsonfile import write_json
+        if info.is_main and data_args != stored:  # a new run, or a resume given other data options
+            with atomic_path(run_dir / ARGS_FILE) as tmp:
+                tmp.write_text(yaml.safe_dump(data_args, sort_keys=False))
+        if info.is_main and report is not None:
+            from m2det.io.jsonfile import write_json
 
-                    write_json(run_dir / TRANSFER_FILE, report.to_dict(), indent=1)
+            write_json(run_dir / TRANSFER_FILE, report.to_dict(), indent=1)
         try:
             trainer = Trainer(
                 net, train_config, train_set, val_set, run_dir=run_dir, device=device, progress=not quiet
@@ -212,6 +215,29 @@ def train(
             typer.echo(f"run folder: {run_dir}" + (best if result.best_metric is not None else ""))
     finally:
         distributed.cleanup()
+
+
+# The data options of `m2det train` and their defaults; a run stores them in ARGS_FILE.
+DATA_DEFAULTS: dict[str, Optional[str]] = {
+    "data": None,
+    "val_data": None,
+    "train_split": "train",
+    "val_split": "val",
+}
+
+
+def resolve_data_args(given: dict[str, Optional[str]], stored: dict[str, Any]) -> dict[str, Any]:
+    """The data arguments of a run, by one rule: an option given on the command line (not None)
+    wins, else the run's stored value (`--resume`; `stored` is {} for a new run), else its default.
+    Paths given are made absolute, so that a resume from another folder finds them. Stored keys
+    that are no option (`weights`) are kept."""
+    resolved = dict(stored)
+    for key, default in DATA_DEFAULTS.items():
+        value = given.get(key)
+        if value is not None and key in ("data", "val_data"):
+            value = str(Path(value).resolve())
+        resolved[key] = value if value is not None else stored.get(key, default)
+    return resolved
 
 
 def _remove_if_unused(run_dir: Path) -> None:
