@@ -290,21 +290,9 @@ def load_configs(
     `train: preset:`; the file's other training fields still apply.
     """
     from m2det.config import ModelConfig, get_config, read_yaml_mapping, with_overrides
-    from m2det.engine.train_config import (
-        DEFAULT_PRESET,
-        TrainConfig,
-        get_train_config,
-        with_train_overrides,
-    )
+    from m2det.engine.train_config import DEFAULT_PRESET, build_train_config
 
     data = read_yaml_mapping(path) if path is not None else {}
-    train_section = data.get("train") or {}
-    if "preset" in train_overrides:  # `--set train.preset=NAME` as if the file's train: said so
-        train_section = {**train_section, "preset": train_overrides.pop("preset")}
-    # a train: section changes the recipe the command would start from, as ultralytics' cfg does
-    default_recipe = "finetune" if checkpoint is not None else DEFAULT_PRESET
-    if train_section and "preset" not in train_section:
-        train_section = {"preset": default_recipe, **train_section}
     has_model = bool(data) and ("model" in data or "train" not in data)
     base = ModelConfig.from_mapping(data, path) if has_model else None
     if checkpoint is not None:
@@ -315,11 +303,10 @@ def load_configs(
         model_config = finetune_config(checkpoint, base, **model_overrides)
     else:
         model_config = with_overrides(base or get_config(preset or "m2det320_vgg16"), **model_overrides)
-    if train_section:
-        train_config = TrainConfig.from_mapping({"train": train_section}, path or "--set")
-    else:
-        train_config = get_train_config(default_recipe)
-    train_config = with_train_overrides(train_config, **train_overrides)
+    default_recipe = "finetune" if checkpoint is not None else DEFAULT_PRESET
+    train_config = build_train_config(
+        data.get("train") or {}, train_overrides, default_recipe, path or "--set"
+    )
     return model_config, train_config
 
 

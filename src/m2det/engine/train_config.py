@@ -378,15 +378,35 @@ DEFAULT_PRESET = "adamw_cosine"
 
 
 def get_train_config(name: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
-    """A training preset (the paper's recipe plus the preset's changes) with field overrides, validated."""
+    """A training preset (the paper's recipe plus the preset's changes) with field overrides (dotted
+    keys too, see `m2det.config.replace_fields`), validated."""
     if not isinstance(name, str) or name not in TRAIN_PRESETS:
         raise ConfigError(f"unknown training preset {name!r}; available: {', '.join(TRAIN_PRESETS)}")
     # the instance must not share the presets' lists
-    preset = copy.deepcopy({**PAPER_RECIPE, **TRAIN_PRESETS[name]})
-    return dataclass_from_dict(TrainConfig, {**preset, **overrides}, "train").validate()
+    preset = dataclass_from_dict(TrainConfig, copy.deepcopy({**PAPER_RECIPE, **TRAIN_PRESETS[name]}), "train")
+    return with_train_overrides(preset, **overrides)
 
 
 def with_train_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
     """A validated copy of `config` with fields replaced (e.g. from `--set train.epochs=10`); see
     `m2det.config.replace_fields` for dotted keys."""
     return replace_fields(config, overrides, "train").validate()
+
+
+def build_train_config(
+    section: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    default_preset: str = DEFAULT_PRESET,
+    where: Union[str, Path] = "train",
+) -> TrainConfig:
+    """The training settings of a config file's `train:` section and `--set` overrides, in this
+    order: the preset that `overrides` name (`preset`), else the section's `preset:`, else
+    `default_preset`; the section's other fields (errors name `where`); then the other overrides.
+    A `train:` section thus changes the recipe a command starts from, as ultralytics' cfg does."""
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: train: expected a mapping of training settings, got {section!r}")
+    fields, rest = dict(section), dict(overrides)
+    preset = rest.pop("preset", None) or fields.pop("preset", None) or default_preset
+    fields.pop("preset", None)
+    config = TrainConfig.from_mapping({"train": {"preset": preset, **fields}}, where)
+    return with_train_overrides(config, **rest)

@@ -157,9 +157,8 @@ def finetune_config(
         and not any(k in ("anchors", "anchors.steps") for k in overrides)
     ):
         overrides["anchors.steps"] = None
-    config = with_overrides(config, **overrides)
-    config.backbone.weights = None
-    return config
+    overrides["backbone.weights"] = None  # the checkpoint holds the backbone
+    return with_overrides(config, **overrides)
 
 
 @dataclass
