@@ -248,6 +248,11 @@ def test_cli_detections_errors_name_the_file_and_field(tmp_path):
     assert "bad.json" in result.output and "category_id" in result.output
     result = CliRunner().invoke(app, ["eval", "--data", str(gt_file)])
     assert result.exit_code == 2 and "--weights" in result.output
+    bad.write_text("[{")  # not JSON at all: still a user mistake, one line
+    result = CliRunner().invoke(
+        app, ["eval", "--data", str(gt_file), "--detections", str(bad), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and result.output.startswith(f"error: {bad}: not valid JSON")
 
 
 # A public-style COCO file as pycocotools sees it: no image files, ids in no particular order,
