@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from m2det.cli.common import next_run_dir, parse_overrides
-from m2det.cli.demo import DemoSettings, run_demo
+from m2det.engine.demo import DemoSettings, run_demo
+from m2det.progress import show_logs
 
 TIME_LIMIT_S = 600.0
 TARGET_AP50 = 0.90
@@ -28,6 +29,7 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], help="a demo setting KEY=VALUE"
     )
     args = parser.parse_args()
+    show_logs()  # the trainer's epoch lines, as `m2det train` shows them
     settings = DemoSettings(seed=args.seed).with_overrides(parse_overrides(args.overrides))
     result = run_demo(next_run_dir(args.project), settings, device="cpu", progress=True)
     ap50, ap = result.metrics["AP50"], result.metrics["AP"]

@@ -48,6 +48,7 @@ from m2det.engine.train import LAST_MODEL, Trainer, cpu_threads, seed_everything
 from m2det.engine.train_config import TrainConfig, get_train_config
 from m2det.io.jsonfile import write_json
 from m2det.models import build_model
+from m2det.progress import show_logs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_bccd import scratch_recipe, seconds_per_image  # noqa: E402
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/finetune_bccd/expN)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    show_logs()  # the trainer's epoch lines, as `m2det train` shows them
     torch.set_num_threads(args.threads or cpu_threads(args.workers))
     run_dir = args.out or next_run_dir(Path("runs/finetune_bccd"))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from m2det.engine.evaluate import evaluate
 from m2det.engine.train import Trainer, cpu_threads, seed_everything
 from m2det.engine.train_config import TrainConfig
 from m2det.models import build_model
+from m2det.progress import show_logs
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
 
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    show_logs()  # the trainer's epoch lines, as `m2det train` shows them
     torch.set_num_threads(args.threads or cpu_threads(args.workers))
     start = time.perf_counter()
 

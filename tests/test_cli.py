@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from m2det.cli.common import user_errors
 from m2det.cli.main import app
+from m2det.data import DatasetError
+from m2det.errors import ConfigError, M2DetError
 
 
 def test_help_lists_commands():
@@ -114,8 +116,9 @@ def run_raising(exc: BaseException) -> tuple[int, str]:
         (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/etc/model.safetensors"), "/etc/model.safetensors: Permission denied"),
         (OSError(errno.EXDEV, os.strerror(errno.EXDEV), "a.tmp", None, "b/a"), "a.tmp -> b/a: Invalid cross-device link"),
         (FileNotFoundError("weights file not found: m.safetensors"), "weights file not found: m.safetensors"),
-        (KeyError("no field 'x' in m.yaml"), "no field 'x' in m.yaml"),
-        (ValueError("--sizes expects integers"), "--sizes expects integers"),
+        (ConfigError("m.yaml: mlfpn.x: unknown key"), "m.yaml: mlfpn.x: unknown key"),
+        (M2DetError("--sizes expects integers"), "--sizes expects integers"),
+        (DatasetError("data.yaml: 'names' is empty"), "data.yaml: 'names' is empty"),
     ],
 )  # fmt: skip
 def test_user_errors_are_one_line_naming_the_path(exc, expected):
@@ -123,9 +126,38 @@ def test_user_errors_are_one_line_naming_the_path(exc, expected):
     assert code == 2 and output == f"error: {expected}\n"
 
 
-def test_other_errors_still_show_a_traceback():
-    code, _ = run_raising(RuntimeError("a bug"))
-    assert code == 1
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("a bug"), KeyError("x"), ValueError("a bug"), TypeError("a bug"), BrokenPipeError()]
+)
+def test_other_errors_still_show_a_traceback(exc):
+    """Only our own user errors and the file system's are one line: a KeyError from a bug is not
+    `error: 'x'` but the exception itself, with its traceback."""
+    code, output = run_raising(exc)
+    assert code == 1 and "error:" not in output
+
+
+def test_a_bug_deep_in_training_keeps_its_traceback(tmp_path, monkeypatch):
+    """A KeyError raised inside the training loop reaches the caller as itself (exit 1), while a user
+    mistake on the same command line is still one line with exit code 2."""
+    from m2det.engine import train as train_module
+    from train_helpers import tiny_cli_data
+
+    data, config = tiny_cli_data(tmp_path, "train:\n  preset: paper\n  batch_size: 4\n  workers: 0\n")
+    args = ["train", "--data", str(data.train.annotations), "--val-data", str(data.val.annotations)]
+    args += ["--config", str(config), "--set", "train.epochs=1", "--device", "cpu", "--quiet"]
+    args += ["--project", str(tmp_path / "runs")]
+
+    def broken(self, *args, **kwargs):
+        raise KeyError("x")
+
+    monkeypatch.setattr(train_module.TrainingRun, "_train_step", broken)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+    assert "error: 'x'" not in result.output and "error: x" not in result.output
+
+    mistake = CliRunner().invoke(app, [*args, "--set", "train.epochz=1"])
+    assert mistake.exit_code == 2
+    assert mistake.output.startswith("error: train.epochz: unknown key")
 
 
 @pytest.fixture

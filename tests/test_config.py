@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from m2det.config import ModelConfig, get_config, list_presets
+from m2det.errors import ConfigError
 
 EXPECTED = {
     "m2det320_vgg16", "m2det512_vgg16", "m2det704_vgg16", "m2det800_vgg16",
@@ -245,7 +246,7 @@ def test_set_errors_on_the_command_line_are_one_line(tmp_path):
 
 
 def test_demo_settings_are_type_checked():
-    from m2det.cli.demo import DemoSettings
+    from m2det.engine.demo import DemoSettings
 
     settings = DemoSettings().with_overrides({"train.lr": 1e-3, "threads": 1, "shapes.clutter": 0})
     assert (settings.train["lr"], settings.threads, settings.shapes["clutter"]) == (1e-3, 1, 0)
@@ -279,3 +280,23 @@ def test_usable_cores_is_the_affinity_mask_not_the_machine(monkeypatch):
     assert usable_cores() == 2  # e.g. `taskset -c 2,3` or a container's cpuset on a 64-core machine
     monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: every core
     assert usable_cores() == 64
+
+
+def test_training_settings_are_merged_in_one_place():
+    """`build_train_config` (what `m2det train` uses): the preset of --set, else of the file's
+    train: section, else the default; then the section's fields; then the other overrides, dotted
+    keys too (which a preset's keyword overrides take as well)."""
+    from m2det.engine.train_config import build_train_config, get_train_config
+
+    section = {"preset": "official", "epochs": 7, "lr_mults": {"backbone": 0.1}}
+    overrides = {"lr_mults.head": 0.5, "batch_size": 4}
+    config = build_train_config(section, overrides, "finetune")
+    assert (config.lr, config.epochs, config.batch_size) == (4e-3, 7, 4)  # official's lr, the file, --set
+    assert config.lr_mults == {"backbone": 0.1, "head": 0.5}
+    assert overrides == {"lr_mults.head": 0.5, "batch_size": 4}  # the caller's mapping is left alone
+    assert build_train_config({"epochs": 7}, {"preset": "paper"}).lr == 2e-3  # --set's preset wins
+    assert build_train_config({"epochs": 7}, {}, "finetune").optimizer == "adamw"  # the default recipe
+    dotted = get_train_config("paper", **{"augment_settings.max_expand": 2.0})
+    assert dotted.augment_settings == {"max_expand": 2.0}
+    with pytest.raises(ConfigError, match="cfg.yaml: train.epochz: unknown key"):
+        build_train_config({"epochz": 1}, {}, where="cfg.yaml")

@@ -59,3 +59,18 @@ def test_demo_rejects_an_unknown_setting(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--project", str(tmp_path), "--set", "epochs=3"])
     assert result.exit_code == 2
     assert "epochs" in result.output and "train.FIELD" in result.output
+
+
+def test_demo_shows_its_steps_and_epochs_unless_quiet(tmp_path):
+    """The demo's steps and the trainer's epoch lines are log records the command shows as lines."""
+    args = ["demo", "--project", str(tmp_path)]
+    for item in SMALL:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "generating 8 + 4 shapes images in " + str(tmp_path / "exp1" / "data") in lines
+    # (the progress bar, on stderr, shares the output here)
+    assert "epoch 1/1  loss " in result.output and "done: 1 epochs in " in result.output
+    quiet = _run(tmp_path / "quiet")
+    assert quiet.exit_code == 0 and "generating" not in quiet.output and "epoch 1/1" not in quiet.output

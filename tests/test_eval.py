@@ -248,6 +248,11 @@ def test_cli_detections_errors_name_the_file_and_field(tmp_path):
     assert "bad.json" in result.output and "category_id" in result.output
     result = CliRunner().invoke(app, ["eval", "--data", str(gt_file)])
     assert result.exit_code == 2 and "--weights" in result.output
+    bad.write_text("[{")  # not JSON at all: still a user mistake, one line
+    result = CliRunner().invoke(
+        app, ["eval", "--data", str(gt_file), "--detections", str(bad), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and result.output.startswith(f"error: {bad}: not valid JSON")
 
 
 # A public-style COCO file as pycocotools sees it: no image files, ids in no particular order,
@@ -624,3 +629,28 @@ def test_evaluate_resized_images_give_boxes_in_original_pixels(bccd_root, tiny_w
     boxes_b = torch.tensor([d["bbox"] for d in b.detections_coco])
     torch.testing.assert_close(boxes_a, boxes_b, atol=0.05, rtol=0)  # boxes back in original pixels
     assert all(math.isclose(a.metrics[k], b.metrics[k], abs_tol=1e-6) for k in STAT_NAMES)
+
+
+def test_the_two_eval_flows_are_functions_of_the_engine(tmp_path):
+    """`m2det eval --detections` is `score_results_file`: a perfect results file scores AP 1 and is
+    described for metrics.json by what was scored."""
+    from m2det.engine.evaluate import score_results_file
+
+    gt = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0}
+        ],
+        "categories": [{"id": 3, "name": "cat"}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    found = [{"image_id": 1, "category_id": 3, "bbox": [4, 4, 20, 20], "score": 0.9}]
+    (tmp_path / "found.json").write_text(json.dumps(found))
+    result, described = score_results_file(tmp_path / "found.json", str(tmp_path / "gt.json"))
+    assert result.metrics["AP50"] == pytest.approx(1.0)
+    assert described == {
+        "data": str(tmp_path / "gt.json"),
+        "split": "val",
+        "voc_plus_one": False,
+        "detections": str(tmp_path / "found.json"),
+    }

@@ -6,6 +6,7 @@ import csv
 import errno
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,7 +23,7 @@ from m2det.engine.checkpoint_state import LAST_MODEL, LEGACY_STATE, load_checkpo
 from m2det.engine.schedule import LRSchedule, build_scheduler
 from m2det.engine.train import Trainer, TrainingDiverged
 from m2det.engine.train_config import TrainConfig, get_train_config
-from m2det.io.checkpoint import load_weights, read_metadata
+from m2det.io.checkpoint import load_weights, read_config, read_metadata
 from m2det.io.torchfile import atomic_path, is_temporary
 from train_helpers import ToyBoxes, tiny_cli_data, tiny_model, weights
 
@@ -204,7 +205,21 @@ def test_run_folder_contents_and_loss_curve(tmp_path):
     assert {"results.csv", "config.yaml", "loss_curve.png", "tensorboard"} <= names
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert result.images_per_second > 0 and math.isfinite(result.images_per_second)
-    assert model.config.class_names == ToyBoxes.class_names
+    # the run's files name the data's classes; the caller's model config is left as it was given
+    assert read_config(tmp_path / "run" / LAST_MODEL).class_names == ToyBoxes.class_names
+    assert read_config(tmp_path / "run" / "epoch_002.safetensors").class_names == ToyBoxes.class_names
+    assert model.config.class_names is None
+
+
+def test_the_trainer_logs_its_lines(tmp_path, caplog):
+    """The per-epoch and final lines are log records of m2det.train, with or without a progress bar."""
+    caplog.set_level(logging.INFO, logger="m2det")
+    Trainer(
+        tiny_model(), _config(epochs=2), ToyBoxes(8), run_dir=tmp_path / "run", device="cpu", progress=False
+    ).fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "m2det.train"]
+    assert [line.split("  ")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"]
+    assert lines[-1].startswith("done: 2 epochs in ")
 
 
 def test_progress_bar_in_a_log_file_stays_sparse(tmp_path, monkeypatch):
@@ -479,3 +494,51 @@ def test_train_cli_names_a_broken_config_file(tmp_path):
         app, ["train", "--data", str(tmp_path), "--config", str(tmp_path / "no.yaml")]
     )
     assert missing.exit_code == 2 and "config file not found" in missing.output
+
+
+def test_train_cli_resume_continues_and_the_command_line_wins_over_the_stored_data_options(
+    tmp_path, monkeypatch
+):
+    """`m2det train --resume`: a run paused after epoch 1 of 2 continues to its end; a data option
+    given again replaces the stored one (and is stored for the next resume), one not given is the
+    run's own; the run's settings cannot change."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from m2det.cli import train as train_cli
+    from m2det.cli.main import app
+
+    data, config = tiny_cli_data(tmp_path, "train:\n  preset: paper\n  batch_size: 4\n  workers: 0\n")
+    args = ["train", "--data", str(data.train.annotations), "--val-data", str(data.val.annotations)]
+    args += ["--config", str(config), "--set", "train.epochs=2", "--train-split", "mine"]
+    args += ["--project", str(tmp_path / "runs"), "--device", "cpu", "--quiet"]
+    fit = Trainer.fit
+    with monkeypatch.context() as patch:  # the first call pauses after epoch 1, as an interruption would
+        patch.setattr(Trainer, "fit", lambda self, resume=False: fit(self, resume, stop_at_epoch=1))
+        first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    run = tmp_path / "runs" / "exp1"
+    assert load_checkpoint(run).state["epoch"] == 1
+    stored = yaml.safe_load((run / "args.yaml").read_text())
+    assert (stored["train_split"], stored["val_split"]) == ("mine", "val")
+
+    moved = tmp_path / "moved.json"  # the training data given again, from another place
+    shutil.copy(data.train.annotations, moved)
+    shutil.copytree(data.train.annotations.parent / "images", tmp_path / "images")
+    seen = []
+    build = train_cli.build_datasets
+    monkeypatch.setattr(train_cli, "build_datasets", lambda a, m, t: seen.append(dict(a)) or build(a, m, t))
+    resumed = CliRunner().invoke(
+        app, ["train", "--resume", str(run), "--data", str(moved), "--val-split", "v2"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert seen[0]["data"] == str(moved.resolve())  # given: the command line wins
+    assert seen[0]["val_data"] == stored["val_data"] and seen[0]["train_split"] == "mine"  # not given: stored
+    assert seen[0]["val_split"] == "v2"
+    assert yaml.safe_load((run / "args.yaml").read_text()) == seen[0]  # stored for the next resume
+    assert load_checkpoint(run).state["epoch"] == 2
+    with open(run / "results.csv", newline="") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+    changed = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", "train.epochs=3"])
+    assert changed.exit_code == 2 and "--resume continues a run with its own settings" in changed.output

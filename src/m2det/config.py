@@ -18,6 +18,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from m2det.errors import ConfigError
+
 # Official input convention: BGR, minus these per-channel means, no std scaling.
 BGR_MEANS: tuple[float, float, float] = (104.0, 117.0, 123.0)
 
@@ -87,36 +89,36 @@ class ModelConfig:
         """Raise a ValueError naming the field when the combination cannot build."""
         m = self.mlfpn
         if self.num_classes < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"num_classes must be >= 2 (background + at least one class), got {self.num_classes}"
             )
         if m.planes < 2 or m.planes % 2:
-            raise ValueError(f"mlfpn.planes must be an even number >= 2, got {m.planes}")
+            raise ConfigError(f"mlfpn.planes must be an even number >= 2, got {m.planes}")
         if m.num_levels < 1:
-            raise ValueError(f"mlfpn.num_levels must be >= 1, got {m.num_levels}")
+            raise ConfigError(f"mlfpn.num_levels must be >= 1, got {m.num_levels}")
         if m.num_scales < 3:
-            raise ValueError(f"mlfpn.num_scales must be >= 3, got {m.num_scales}")
+            raise ConfigError(f"mlfpn.num_scales must be >= 3, got {m.num_scales}")
         if m.sfam and (m.planes * m.num_levels) // m.sfam_reduction < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"mlfpn.sfam_reduction {m.sfam_reduction} leaves no channels for "
                 f"{m.planes * m.num_levels} aggregated channels"
             )
         if len(self.anchors.size_pattern) != m.num_scales + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"anchors.size_pattern needs num_scales + 1 = {m.num_scales + 1} entries, "
                 f"got {len(self.anchors.size_pattern)}"
             )
         if self.anchors.steps is not None and len(self.anchors.steps) != m.num_scales:
-            raise ValueError(
+            raise ConfigError(
                 f"anchors.steps needs num_scales = {m.num_scales} entries (or null), got {len(self.anchors.steps)}"
             )
         if self.class_names is not None and len(self.class_names) != self.num_classes - 1:
-            raise ValueError(
+            raise ConfigError(
                 f"class_names has {len(self.class_names)} names but num_classes={self.num_classes} "
                 f"means {self.num_classes - 1} foreground classes"
             )
         if self.input_size < 32:
-            raise ValueError(f"input_size must be >= 32, got {self.input_size}")
+            raise ConfigError(f"input_size must be >= 32, got {self.input_size}")
         return self
 
     @property
@@ -148,15 +150,18 @@ class ModelConfig:
     def from_mapping(cls, data: dict[str, Any], where: Union[str, Path]) -> ModelConfig:
         """A config file's content (its `model:` section, or the whole of it); errors name `where`."""
         if not data:
-            raise ValueError(f"{where}: empty config file; expected `preset: NAME` or a full model config")
-        data = dict(data.get("model", data))
+            raise ConfigError(f"{where}: empty config file; expected `preset: NAME` or a full model config")
+        section = data.get("model", data)
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"{where}: model: expected a mapping, got {section!r}")
+        data = dict(section)
         preset = data.pop("preset", None)
         try:
             if preset is not None:
                 return get_config(preset, **data)
             return cls.from_dict(data).validate()
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
     def save_yaml(self, path: Union[str, Path]) -> None:
         Path(path).write_text(self.to_yaml())
@@ -196,11 +201,11 @@ def read_yaml_mapping(path: Union[str, Path]) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -240,7 +245,7 @@ def check_field_value(value: Any, hint: Any, where: str) -> Any:
     """
     converted = _convert(value, hint)
     if converted is _MISMATCH:
-        raise ValueError(f"{where}: expected {_type_name(hint)}, got {value!r} ({_value_kind(value)})")
+        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({_value_kind(value)})")
     return converted
 
 
@@ -324,11 +329,11 @@ def dataclass_from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
     """Build dataclass `cls` from a mapping, recursing into nested dataclasses, each value checked
     against its field's type (`check_field_value`); errors are ValueErrors naming `where.field`."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     names = [f.name for f in fields(cls)]
     unknown = [key for key in data if key not in names]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             unknown_key_message(_dotted(where, str(unknown[0])), [_dotted(where, n) for n in names])
         )
     hints = typing.get_type_hints(cls)
@@ -367,7 +372,7 @@ def replace_fields(config: Any, overrides: Mapping[str, Any], where: str) -> Any
                 target[part] = {**target[part], ".".join(parts[i + 1 :]): value}
                 break
             else:
-                raise ValueError(
+                raise ConfigError(
                     unknown_key_message(_dotted(section, part), [_dotted(section, n) for n in target])
                 )
         else:
@@ -428,11 +433,11 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     Nested sections take a dict (``mlfpn={"planes": 128}``) or a dataclass instance; a dotted
     form is also accepted (``**{"mlfpn.planes": 128}``).
     """
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         # a part of a name ("resnet") suggests every preset holding it, a misspelling the nearest ones
         close = close_matches(str(name), list(PRESETS))
         guess = f"did you mean {' or '.join(close)}? " if close else ""
-        raise ValueError(f"unknown preset {name!r}; {guess}known presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; {guess}known presets: {', '.join(PRESETS)}")
     return with_overrides(PRESETS[name](), **overrides)
 
 

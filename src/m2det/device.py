@@ -8,6 +8,8 @@ from typing import Optional, Union
 
 import torch
 
+from m2det.errors import M2DetError
+
 
 def resolve_device(device: Union[str, torch.device], local_rank: int = 0) -> torch.device:
     """`auto` picks this process's GPU when CUDA is available, else the CPU; `cuda` means cuda:LOCAL_RANK.
@@ -21,15 +23,15 @@ def resolve_device(device: Union[str, torch.device], local_rank: int = 0) -> tor
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {device!r}") from None
+        raise M2DetError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {device!r}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {str(device)!r} requested but CUDA is not available here")
+        raise M2DetError(f"device: {str(device)!r} requested but CUDA is not available here")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(
+        raise M2DetError(
             f"device: {str(device)!r} requested but only {torch.cuda.device_count()} CUDA devices exist"
         )
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device: {str(device)!r} requested but MPS is not available here")
+        raise M2DetError(f"device: {str(device)!r} requested but MPS is not available here")
     return resolved
 
 

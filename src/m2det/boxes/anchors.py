@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from m2det.config import AnchorConfig
+from m2det.errors import ConfigError
 
 
 class AnchorGenerator:
@@ -76,7 +77,7 @@ def num_anchors(feature_sizes: Sequence[int], per_location: int) -> int:
 
 def check_feature_sizes(feature_sizes: Sequence[int], input_size: int, name: Optional[str] = None) -> None:
     if min(feature_sizes) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"input size {input_size} is too small for {name or 'this model'}: "
             f"the pyramid would be {list(feature_sizes)} (every scale needs at least 1x1)"
         )

@@ -18,6 +18,7 @@ from torchvision.ops import batched_nms
 
 from m2det.boxes.coder import BoxCoder
 from m2det.boxes.nms import SOFT_NMS_METHODS, batched_soft_nms
+from m2det.errors import ConfigError
 
 NMS_METHODS = ("hard", *SOFT_NMS_METHODS)
 
@@ -53,17 +54,17 @@ class PostprocessSettings:
 
     def __post_init__(self) -> None:
         if self.nms not in NMS_METHODS:
-            raise ValueError(f"nms must be one of {NMS_METHODS}, got {self.nms!r}")
+            raise ConfigError(f"nms must be one of {NMS_METHODS}, got {self.nms!r}")
         for name in ("score_threshold", "min_score", "soft_iou_threshold", "iou_threshold", "score_floor"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+                raise ConfigError(f"{name} must be in [0, 1], got {value}")
         if self.sigma <= 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+            raise ConfigError(f"sigma must be > 0, got {self.sigma}")
         for name in ("pre_nms_top_k", "max_per_class", "max_per_image"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+                raise ConfigError(f"{name} must be >= 1 or None, got {value}")
 
     def replace(self, **changes: object) -> PostprocessSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -92,7 +93,9 @@ def get_settings(settings: Union[str, PostprocessSettings]) -> PostprocessSettin
         return settings
     key = str(settings).strip().lower()
     if key not in SETTINGS:
-        raise ValueError(f"unknown post-processing settings {settings!r}; expected one of {sorted(SETTINGS)}")
+        raise ConfigError(
+            f"unknown post-processing settings {settings!r}; expected one of {sorted(SETTINGS)}"
+        )
     return SETTINGS[key]
 
 

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from m2det.cli.common import user_errors
+from m2det.errors import M2DetError
 
 
 def register(app: typer.Typer) -> None:
@@ -68,7 +69,7 @@ def bench(
     if image is not None and not image.is_file():
         raise FileNotFoundError(f"--image: file not found: {image}")
     if load == "model" and weights is None:
-        raise ValueError(
+        raise M2DetError(
             "--load model measures a trained model's own output: give --weights (and an --image)"
         )
     settings_obj = BenchSettings(

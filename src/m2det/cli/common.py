@@ -1,4 +1,4 @@
-"""Helpers shared by the subcommands: expected errors as one clear line and exit code 2, help that
+"""Helpers shared by the subcommands: user mistakes as one clear line and exit code 2, help that
 reads cleanly, option parsing (--set, --sizes) and run folders."""
 
 from __future__ import annotations
@@ -11,11 +11,32 @@ from typing import Any, Callable, Optional, TypeVar, Union
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
+from m2det.errors import ConfigError, M2DetError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Errors that carry a message meant for the user: a bad file, field or argument, and every error
-# of the file system (missing file, permission denied, disk full, a file where a folder should be).
-USER_ERRORS = (ValueError, KeyError, OSError)
+# Errors of the file system, which name the path and say what is wrong with it (missing file,
+# permission denied, a file where a folder should be); `is_user_error` adds those with a system error
+# number (a full disk). Other OSErrors (a broken pipe, a refused connection) are no user mistake.
+FILE_SYSTEM_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+_NETWORK_ERRORS = (ConnectionError, TimeoutError, BlockingIOError, ChildProcessError, ProcessLookupError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether `exc` is a mistake the user can fix, reported in one line: our own `M2DetError` (a bad
+    config, file, argument), an error of the file system, or another OSError naming a file or carrying
+    a system error number (a full disk). Anything else is a bug and keeps its traceback."""
+    if isinstance(exc, (M2DetError, *FILE_SYSTEM_ERRORS)):
+        return True
+    if isinstance(exc, OSError) and not isinstance(exc, _NETWORK_ERRORS):
+        return exc.errno is not None or exc.filename is not None
+    return False
 
 
 def os_error_message(exc: OSError) -> str:
@@ -44,17 +65,17 @@ def _os_error_hint(exc: OSError) -> Optional[str]:
 
 
 def user_errors(func: F) -> F:
-    """Report expected errors as one line `error: ...` on stderr and exit 2, not as a traceback."""
+    """Report user mistakes (`is_user_error`) as one line `error: ...` on stderr and exit 2; any other
+    exception propagates, so that a bug shows its traceback instead of a bare `error: 'x'`."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except USER_ERRORS as exc:
-            if isinstance(exc, OSError):
-                message = os_error_message(exc)
-            else:
-                message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+        except (M2DetError, OSError) as exc:
+            if not is_user_error(exc):
+                raise
+            message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
             typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
             raise typer.Exit(code=2) from None
 
@@ -121,12 +142,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE (e.g. mlfpn.planes=128), got {pair!r}")
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. mlfpn.planes=128), got {pair!r}")
         try:
             overrides[key.strip()] = load_yaml(value)
         except yaml.YAMLError as exc:
             problem = str(exc).splitlines()[0]
-            raise ValueError(f"--set {key.strip()}: cannot read the value {value!r} ({problem})") from None
+            raise ConfigError(f"--set {key.strip()}: cannot read the value {value!r} ({problem})") from None
     return overrides
 
 
@@ -152,9 +173,9 @@ def parse_sizes(text: Optional[str]) -> Optional[list[int]]:
     try:
         sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise ValueError(
+        raise M2DetError(
             f"--sizes expects integers separated by commas (e.g. 320,512), got {text!r}"
         ) from None
     if not sizes or min(sizes) < 32:
-        raise ValueError(f"--sizes expects input sizes >= 32, got {text!r}")
+        raise M2DetError(f"--sizes expects input sizes >= 32, got {text!r}")
     return sizes

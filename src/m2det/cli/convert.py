@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from m2det.cli.common import parse_overrides, user_errors
+from m2det.errors import M2DetError
 
 
 def register(app: typer.Typer) -> None:
@@ -84,12 +85,12 @@ def convert_backbone(
     )
 
     if output.suffix not in (".safetensors", ".pth", ".pt"):
-        raise ValueError(f"{output}: write a .safetensors or a .pth file")
+        raise M2DetError(f"{output}: write a .safetensors or a .pth file")
     state = load_state_dict_file(source)
     name = backbone or infer_backbone_name(state)
     cls = backbone_class(name)
     if cls is TinyBackbone:
-        raise ValueError("the tiny backbone has no ImageNet weights to convert")
+        raise M2DetError("the tiny backbone has no ImageNet weights to convert")
     converted, notes = convert_backbone_state(state, name)
     load_backbone_state(cls(), converted, str(source))  # strict: raises with what does not fit
     tensors = {k: v.contiguous() for k, v in converted.items()}

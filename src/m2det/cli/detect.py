@@ -17,6 +17,7 @@ from typing import Any, Optional
 import typer
 
 from m2det.cli.common import next_run_dir, parse_sizes, user_errors
+from m2det.errors import M2DetError
 
 DETECTIONS_JSON = "detections.json"
 DETECTIONS_JSONL = "detections.jsonl"
@@ -107,7 +108,7 @@ def detect(
     run.write_json(source)
     typer.echo(run.summary())
     if run.num_images + run.num_frames == 0:
-        raise ValueError(f"nothing could be read from {source}: all {len(run.skipped)} inputs were skipped")
+        raise M2DetError(f"nothing could be read from {source}: all {len(run.skipped)} inputs were skipped")
 
 
 def coco_category_ids(class_names: list[str]) -> list[int]:

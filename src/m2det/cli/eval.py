@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from m2det.cli.common import parse_sizes, user_errors
+from m2det.errors import M2DetError
 
 if TYPE_CHECKING:
     from m2det.engine.evaluate import EvalResult
@@ -73,95 +74,36 @@ def evaluate_command(
     Writes metrics.json, per_class.csv, pr_curve.png and detections.json (COCO results format).
     """
     from m2det.cli.common import next_run_dir
-    from m2det.data import build_dataset
-    from m2det.engine.evaluate import evaluate, is_voc
+    from m2det.engine.evaluate import evaluate_weights, score_results_file
 
     if (weights is None) == (detections is None):
-        raise ValueError("give exactly one of --weights (run a model) or --detections (score a results file)")
+        raise M2DetError("give exactly one of --weights (run a model) or --detections (score a results file)")
     if detections is not None and preset is not None:
-        raise ValueError("--preset goes with --weights (an official .pth checkpoint), not with --detections")
-    extra: dict[str, Any] = {"data": str(data), "split": split}
+        raise M2DetError("--preset goes with --weights (an official .pth checkpoint), not with --detections")
     if detections is not None:
-        result, extra["voc_plus_one"] = _score_results_file(detections, data, split, max_images, voc_plus_one)
-        extra["detections"] = str(detections)
+        result, extra = score_results_file(
+            detections, data, split, max_images=max_images, voc_plus_one=voc_plus_one
+        )
     else:
-        from dataclasses import asdict
-
-        from m2det.device import resolve_device
-        from m2det.inference.detector import Detector
-
-        dataset = build_dataset(data, split, keep_ignored=True)
-        pixel_inclusive = is_voc(dataset) if voc_plus_one is None else voc_plus_one
-        extra["voc_plus_one"] = pixel_inclusive
-        detector = Detector(
+        assert weights is not None  # one of the two, checked above
+        result, extra = evaluate_weights(
             weights,
+            data,
+            split,
             preset=preset,
-            device=resolve_device(device),
-            score_threshold=score,
+            device=device,
             settings=settings,
-            batch_size=batch,
+            score_threshold=score,
             sizes=parse_sizes(sizes),
             flip=flip,
-        )
-        result = evaluate(
-            detector,
-            dataset,
             batch_size=batch,
             workers=workers,
             max_images=max_images,
-            voc_pixel_inclusive=pixel_inclusive,
-        )
-        extra.update(
-            weights=str(weights),
-            model=detector.model.config.name,
-            settings=asdict(detector.settings),
-            sizes=detector.sizes,
-            flip=detector.flip,
-            device=str(detector.device),
+            voc_plus_one=voc_plus_one,
         )
     out_dir = out if out is not None else next_run_dir("runs/eval", "exp")
     paths = result.save(out_dir, extra=extra)
     _print_report(result, out_dir, paths)
-
-
-def _score_results_file(
-    detections: Path, data: str, split: str, max_images: Optional[int], voc_plus_one: Optional[bool]
-) -> tuple[EvalResult, bool]:
-    """Score a COCO results file (all images, or the first `max_images`); also return whether VOC AP
-    used the +1 pixel convention.
-
-    A COCO json is read as written and scored as pycocotools scores it, so the numbers are
-    pycocotools' to the last digit and no image files are needed. VOC and YOLO ground truth goes
-    through the data set, which turns it into COCO form.
-    """
-    from m2det.data import build_dataset
-    from m2det.engine.evaluate import (
-        dataset_category_ids,
-        is_voc,
-        read_coco_gt,
-        read_detections,
-        score_detections,
-    )
-
-    category_ids: Optional[list[int]] = None  # a COCO json's own ids
-    if Path(data).suffix.lower() == ".json":  # a COCO json, as build_dataset decides
-        coco_gt = read_coco_gt(data)
-        image_ids = [image["id"] for image in coco_gt.dataset["images"]]
-        pixel_inclusive = bool(voc_plus_one)
-    else:
-        dataset = build_dataset(data, split, keep_ignored=True)
-        coco_gt = dataset.coco_gt()
-        category_ids = dataset_category_ids(dataset)
-        image_ids = [dataset.image_info(i).image_id for i in range(len(dataset))]
-        pixel_inclusive = is_voc(dataset) if voc_plus_one is None else voc_plus_one
-    result = score_detections(
-        coco_gt,
-        read_detections(detections, coco_gt, category_ids),
-        category_ids=category_ids,
-        image_ids=image_ids[:max_images],
-        voc_pixel_inclusive=pixel_inclusive,
-    )
-    return result, pixel_inclusive
 
 
 def _fmt(value: float) -> str:

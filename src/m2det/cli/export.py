@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from m2det.cli.common import user_errors
+from m2det.errors import M2DetError
 
 FORMATS = ("onnx", "torchscript")
 
@@ -55,18 +56,18 @@ def export(
     from m2det.inference.detector import load_model_for_inference
 
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+        raise M2DetError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if int8 and fmt != "onnx":
-        raise ValueError("--int8 is for --format onnx (ONNX Runtime's static quantisation)")
+        raise M2DetError("--int8 is for --format onnx (ONNX Runtime's static quantisation)")
     if int8 and calib_data is None:
-        raise ValueError(
+        raise M2DetError(
             "--int8 needs --calib-data: images of your data set to calibrate the activation ranges"
         )
     if int8:
         from m2det.deploy.quantize import CALIBRATION_METHODS
 
         if calib_method not in CALIBRATION_METHODS:
-            raise ValueError(f"--calib-method must be one of {CALIBRATION_METHODS}, got {calib_method!r}")
+            raise M2DetError(f"--calib-method must be one of {CALIBRATION_METHODS}, got {calib_method!r}")
     model = load_model_for_inference(weights, preset).eval()
     graph_nms = GraphNMS(nms_score, nms_iou, nms_max) if nms else None
     if fmt == "torchscript":

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from m2det.cli.common import user_errors
+from m2det.errors import M2DetError
 
 
 def register(app: typer.Typer) -> None:
@@ -35,7 +36,7 @@ def serve(
     try:
         import uvicorn
     except ImportError:
-        raise ValueError("m2det serve needs the serve extras: pip install 'm2det[serve]'") from None
+        raise M2DetError("m2det serve needs the serve extras: pip install 'm2det[serve]'") from None
     from m2det.inference.detector import Detector
     from m2det.serve import create_app
 

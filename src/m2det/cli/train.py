@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 
 from m2det.cli.common import parse_overrides, user_errors
+from m2det.errors import ConfigError, M2DetError
 
 ARGS_FILE = "args.yaml"  # the data arguments of a run, so that `--resume` needs nothing else
 TRANSFER_FILE = "transfer.json"  # what --weights loaded, mapped and re-initialised
@@ -27,13 +28,16 @@ def train(
         "with VOC XML files beside them (LabelImg; train/val/test subfolders, or none).",
     ),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation data (default: --data)."),
-    train_split: str = typer.Option(
-        "train", help="Split of --data to train on (VOC image set, YOLO key, image subfolder)."
+    train_split: Optional[str] = typer.Option(
+        None,
+        "--train-split",
+        help="Split of --data to train on (VOC image set, YOLO key, image subfolder; default train).",
     ),
-    val_split: str = typer.Option(
-        "val",
-        help="Split of the validation data to score. An image folder without val/ uses test/, and "
-        "without that a fixed tenth of train/, held out of training.",
+    val_split: Optional[str] = typer.Option(
+        None,
+        "--val-split",
+        help="Split of the validation data to score (default val). An image folder without val/ uses "
+        "test/, and without that a fixed tenth of train/, held out of training.",
     ),
     config: Optional[Path] = typer.Option(
         None, "--config", help="YAML with a model: section (or preset:) and/or a train: section."
@@ -67,7 +71,10 @@ def train(
         "warm-up and decay, is fitted to the time, which ends the run.",
     ),
     resume: Optional[Path] = typer.Option(
-        None, "--resume", help="Continue a run exactly: its folder (or a file in it)."
+        None,
+        "--resume",
+        help="Continue a run exactly: its folder (or a file in it). Data options given here replace "
+        "the run's; those not given are the run's own.",
     ),
     project: Path = typer.Option(Path("runs/train"), "--project", help="Parent folder of new runs."),
     name: str = typer.Option("exp", "--name", help="Run folder name prefix: NAME1, NAME2, ..."),
@@ -84,6 +91,9 @@ def train(
       m2det train --data voc/ --train-split trainval --val-split test
       m2det train --data my.yaml --weights best.safetensors --set lr=4e-3
       m2det train --resume runs/train/exp3
+      m2det train --resume runs/train/exp3 --data /new/place/of/photos/
+
+    With --resume, an option given on the command line wins over what the run stored: the data options (--data, --val-data, --train-split, --val-split) given replace the run's and are stored for the next resume; those not given are the run's own. The run's settings (--config, --set, --time, --backbone-weights, --weights) cannot change on resume: giving one is an error.
     """
     import yaml
 
@@ -100,48 +110,44 @@ def train(
     from m2det.io.checkpoint import read_config
     from m2det.io.torchfile import atomic_path
     from m2det.models import build_model
+    from m2det.progress import show_logs
 
+    show_logs(quiet)  # the trainer's epoch lines, above its progress bar
     model_overrides, train_overrides = split_overrides(parse_overrides(overrides))
     if time_limit is not None:
         train_overrides["time_limit_min"] = time_limit
+    given = {"data": data, "val_data": val_data, "train_split": train_split, "val_split": val_split}
     info, _ = distributed.setup(device)
     try:
         if resume is not None and weights is not None:
-            raise ValueError(
+            raise M2DetError(
                 "--resume continues a run exactly, from its own weights; --weights starts a new run from "
                 "a trained detector: they cannot be combined"
             )
         if resume is not None:
             if overrides or config is not None or backbone_weights is not None or time_limit is not None:
-                raise ValueError(
+                raise M2DetError(
                     "--resume continues a run with its own settings; --config, --set, --time and "
                     "--backbone-weights cannot change it (start a new run instead)"
                 )
             run_dir = resolve_resume(resume)
-            stored = (
-                yaml.safe_load((run_dir / ARGS_FILE).read_text()) if (run_dir / ARGS_FILE).is_file() else {}
+            stored: dict[str, Any] = (
+                yaml.safe_load((run_dir / ARGS_FILE).read_text()) or {}
+                if (run_dir / ARGS_FILE).is_file()
+                else {}
             )
-            data_args = {
-                "data": data or stored.get("data"),
-                "val_data": val_data or stored.get("val_data"),
-                "train_split": stored.get("train_split", train_split),
-                "val_split": stored.get("val_split", val_split),
-            }
+            data_args = resolve_data_args(given, stored)
             if not data_args["data"]:
-                raise ValueError(f"--resume {resume}: {run_dir / ARGS_FILE} is missing; give --data again")
+                raise M2DetError(f"--resume {resume}: {run_dir / ARGS_FILE} is missing; give --data again")
             checkpoint = load_checkpoint(run_dir)
             model_config = read_config(checkpoint.model_path)
             model_config.backbone.weights = None  # the checkpoint holds the trained backbone
             train_config = TrainConfig.from_dict(checkpoint.state["train_config"])
         else:
             if not data:
-                raise ValueError("--data is required (a COCO .json, a Pascal VOC folder or a YOLO data.yaml)")
-            data_args = {
-                "data": str(Path(data).resolve()),
-                "val_data": str(Path(val_data).resolve()) if val_data else None,
-                "train_split": train_split,
-                "val_split": val_split,
-            }
+                raise M2DetError("--data is required (a COCO .json, a Pascal VOC folder or a YOLO data.yaml)")
+            stored = {}  # a new run: the command line and the defaults
+            data_args = resolve_data_args(given, stored)
             if info.is_main and not val_data and Path(data).suffix.lower() == ".json":
                 typer.echo("note: no --val-data: validating on the training json itself", err=True)
             checkpoint = None
@@ -149,7 +155,7 @@ def train(
                 from m2det.io.transfer import read_checkpoint
 
                 if backbone_weights is not None:
-                    raise ValueError(
+                    raise M2DetError(
                         "--weights holds the backbone already; --backbone-weights is for starting from "
                         "ImageNet weights"
                     )
@@ -176,13 +182,13 @@ def train(
         if resume is None:
             # made only now that the data and the model are built, so that a bad start leaves no folder
             run_dir = distributed.broadcast_object(next_run_dir(project, name) if info.is_main else None)
-            if info.is_main:
-                with atomic_path(run_dir / ARGS_FILE) as tmp:
-                    tmp.write_text(yaml.safe_dump(data_args, sort_keys=False))
-                if report is not None:
-                    from m2det.io.jsonfile import write_json
+        if info.is_main and data_args != stored:  # a new run, or a resume given other data options
+            with atomic_path(run_dir / ARGS_FILE) as tmp:
+                tmp.write_text(yaml.safe_dump(data_args, sort_keys=False))
+        if info.is_main and report is not None:
+            from m2det.io.jsonfile import write_json
 
-                    write_json(run_dir / TRANSFER_FILE, report.to_dict(), indent=1)
+            write_json(run_dir / TRANSFER_FILE, report.to_dict(), indent=1)
         try:
             trainer = Trainer(
                 net, train_config, train_set, val_set, run_dir=run_dir, device=device, progress=not quiet
@@ -209,6 +215,29 @@ def train(
             typer.echo(f"run folder: {run_dir}" + (best if result.best_metric is not None else ""))
     finally:
         distributed.cleanup()
+
+
+# The data options of `m2det train` and their defaults; a run stores them in ARGS_FILE.
+DATA_DEFAULTS: dict[str, Optional[str]] = {
+    "data": None,
+    "val_data": None,
+    "train_split": "train",
+    "val_split": "val",
+}
+
+
+def resolve_data_args(given: dict[str, Optional[str]], stored: dict[str, Any]) -> dict[str, Any]:
+    """The data arguments of a run, by one rule: an option given on the command line (not None)
+    wins, else the run's stored value (`--resume`; `stored` is {} for a new run), else its default.
+    Paths given are made absolute, so that a resume from another folder finds them. Stored keys
+    that are no option (`weights`) are kept."""
+    resolved = dict(stored)
+    for key, default in DATA_DEFAULTS.items():
+        value = given.get(key)
+        if value is not None and key in ("data", "val_data"):
+            value = str(Path(value).resolve())
+        resolved[key] = value if value is not None else stored.get(key, default)
+    return resolved
 
 
 def _remove_if_unused(run_dir: Path) -> None:
@@ -239,7 +268,7 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
         owner = next((name for name, keys in sections.items() if section in keys), None)
         if owner is None:
             valid = [f"{name}.{k}" for name, keys in sections.items() for k in keys]
-            raise ValueError(unknown_key_message(key, valid))
+            raise ConfigError(unknown_key_message(key, valid))
         routed[owner][key] = value
     return routed["model"], routed["train"]
 
@@ -261,21 +290,9 @@ def load_configs(
     `train: preset:`; the file's other training fields still apply.
     """
     from m2det.config import ModelConfig, get_config, read_yaml_mapping, with_overrides
-    from m2det.engine.train_config import (
-        DEFAULT_PRESET,
-        TrainConfig,
-        get_train_config,
-        with_train_overrides,
-    )
+    from m2det.engine.train_config import DEFAULT_PRESET, build_train_config
 
     data = read_yaml_mapping(path) if path is not None else {}
-    train_section = data.get("train") or {}
-    if "preset" in train_overrides:  # `--set train.preset=NAME` as if the file's train: said so
-        train_section = {**train_section, "preset": train_overrides.pop("preset")}
-    # a train: section changes the recipe the command would start from, as ultralytics' cfg does
-    default_recipe = "finetune" if checkpoint is not None else DEFAULT_PRESET
-    if train_section and "preset" not in train_section:
-        train_section = {"preset": default_recipe, **train_section}
     has_model = bool(data) and ("model" in data or "train" not in data)
     base = ModelConfig.from_mapping(data, path) if has_model else None
     if checkpoint is not None:
@@ -286,11 +303,10 @@ def load_configs(
         model_config = finetune_config(checkpoint, base, **model_overrides)
     else:
         model_config = with_overrides(base or get_config(preset or "m2det320_vgg16"), **model_overrides)
-    if train_section:
-        train_config = TrainConfig.from_mapping({"train": train_section}, path or "--set")
-    else:
-        train_config = get_train_config(default_recipe)
-    train_config = with_train_overrides(train_config, **train_overrides)
+    default_recipe = "finetune" if checkpoint is not None else DEFAULT_PRESET
+    train_config = build_train_config(
+        data.get("train") or {}, train_overrides, default_recipe, path or "--set"
+    )
     return model_config, train_config
 
 
@@ -307,7 +323,7 @@ def build_datasets(data_args: dict[str, Any], model_config: Any, train_config: A
         data_args["val_data"] or data_args["data"], data_args["val_split"], keep_ignored=True
     )
     if list(val_set.class_names) != list(train_set.class_names):
-        raise ValueError(
+        raise M2DetError(
             f"validation classes {val_set.class_names[:10]} differ from training classes {train_set.class_names[:10]}"
         )
     return train_set, val_set

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from m2det.errors import M2DetError
 from m2det.io.image import ImageReadError, exif_orientation, read_image
 from m2det.io.image import image_size as read_image_size
 
@@ -38,7 +39,7 @@ BOX_ACTION_CLIPPED = "box clipped"
 ANNOTATION_ACTION_IGNORED = "annotation ignored"
 
 
-class DatasetError(ValueError):
+class DatasetError(M2DetError):
     """A data problem that stops the run: strict mode, an unreadable annotation file, no usable image."""
 
 

@@ -24,6 +24,8 @@ from typing import Any, Callable, Optional, Union
 import cv2
 import numpy as np
 
+from m2det.errors import ConfigError, M2DetError
+
 # Bump when the drawing changes, so that earlier generations on disk are not reused.
 GENERATOR_VERSION = 1
 MARKER_FILE = "generation.json"
@@ -103,45 +105,45 @@ class ShapesConfig:
             if isinstance(value, str):
                 value = (value,)
             if not isinstance(value, Sequence):
-                raise ValueError(f"{name} must be a list, got {value!r}")
+                raise ConfigError(f"{name} must be a list, got {value!r}")
             object.__setattr__(self, name, tuple(value))
         self.validate()
 
     def validate(self) -> None:
         """Raise a ValueError naming the field when a value cannot work."""
         if self.width < 32 or self.height < 32:
-            raise ValueError(f"width and height must be >= 32 pixels, got {self.width}x{self.height}")
+            raise ConfigError(f"width and height must be >= 32 pixels, got {self.width}x{self.height}")
         unknown = [c for c in self.classes if c not in SHAPES]
         if not self.classes or unknown or len(set(self.classes)) != len(self.classes):
-            raise ValueError(
+            raise ConfigError(
                 f"classes must be distinct names from {sorted(SHAPES)}, got {list(self.classes)}"
             )
         low, high = _pair(self.objects_per_image, "objects_per_image")
         if not 0 <= low <= high:
-            raise ValueError(
+            raise ConfigError(
                 f"objects_per_image must be (min, max) with 0 <= min <= max, got {self.objects_per_image}"
             )
         small, large = _pair(self.size_range, "size_range")
         if not 0 < small <= large <= 1 or small * min(self.width, self.height) < 4:
-            raise ValueError(
+            raise ConfigError(
                 f"size_range must be (min, max) fractions with 0 < min <= max <= 1 and min at least 4 pixels, "
                 f"got {self.size_range} for {self.width}x{self.height}"
             )
         if not 0 <= self.occlusion <= 1:
-            raise ValueError(f"occlusion must be a probability in [0, 1], got {self.occlusion}")
+            raise ConfigError(f"occlusion must be a probability in [0, 1], got {self.occlusion}")
         if not 0 < self.min_visible <= 1:
-            raise ValueError(f"min_visible must be in (0, 1], got {self.min_visible}")
+            raise ConfigError(f"min_visible must be in (0, 1], got {self.min_visible}")
         if self.clutter < 0:
-            raise ValueError(f"clutter must be >= 0, got {self.clutter}")
+            raise ConfigError(f"clutter must be >= 0, got {self.clutter}")
         unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
         if not self.backgrounds or unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"backgrounds must be names from {list(BACKGROUNDS)}, got {list(self.backgrounds)}"
             )
         if self.image_format not in ("jpg", "png"):
-            raise ValueError(f"image_format must be 'jpg' or 'png', got {self.image_format!r}")
+            raise ConfigError(f"image_format must be 'jpg' or 'png', got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+            raise ConfigError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -149,7 +151,7 @@ class ShapesConfig:
 
 def _pair(value: Sequence[Any], name: str) -> tuple[Any, Any]:
     if len(value) != 2:
-        raise ValueError(f"{name} must be a (min, max) pair, got {list(value)}")
+        raise ConfigError(f"{name} must be a (min, max) pair, got {list(value)}")
     return value[0], value[1]
 
 
@@ -462,7 +464,7 @@ def generate_shapes_dataset(
     """
     config = config or ShapesConfig()
     if num_train < 0 or num_val < 0 or num_train + num_val < 1:
-        raise ValueError(
+        raise M2DetError(
             f"num_train and num_val must be >= 0 with at least one image, got {num_train}, {num_val}"
         )
     out_dir = Path(out_dir)
@@ -473,7 +475,7 @@ def generate_shapes_dataset(
     if out_dir.exists() and (
         not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MARKER_FILE).is_file())
     ):
-        raise ValueError(
+        raise M2DetError(
             f"{out_dir}: exists and is not a generated shapes data set; choose a new or empty directory"
         )
 

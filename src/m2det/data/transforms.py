@@ -26,6 +26,8 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from m2det.errors import ConfigError
+
 # The official means are BGR (104, 117, 123); our images are RGB.
 MEAN_FILL_RGB: tuple[int, int, int] = (123, 117, 104)
 
@@ -67,22 +69,22 @@ class AugmentSettings:
         for name in ("contrast_range", "saturation_range"):
             low, high = getattr(self, name)
             if not 0 <= low <= high:
-                raise ValueError(
+                raise ConfigError(
                     f"AugmentSettings.{name} must be (low, high) with 0 <= low <= high, got {(low, high)}"
                 )
         for name in ("expand_probability", "flip_probability", "min_box_fraction"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"AugmentSettings.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"AugmentSettings.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.brightness_delta < 0 or not 0 <= self.hue_delta <= 90:
-            raise ValueError("AugmentSettings.brightness_delta must be >= 0 and hue_delta in 0..90")
+            raise ConfigError("AugmentSettings.brightness_delta must be >= 0 and hue_delta in 0..90")
         if not 0 < self.crop_min_scale <= 1 or self.max_expand < 1:
-            raise ValueError("AugmentSettings.crop_min_scale must be in (0, 1] and max_expand >= 1")
+            raise ConfigError("AugmentSettings.crop_min_scale must be in (0, 1] and max_expand >= 1")
         if not self.crop_min_ious or any(v is not None and not 0 <= v <= 1 for v in self.crop_min_ious):
-            raise ValueError(
+            raise ConfigError(
                 f"AugmentSettings.crop_min_ious must be IoUs in [0, 1] or None, got {self.crop_min_ious}"
             )
         if len(self.fill) != 3 or any(not 0 <= v <= 255 for v in self.fill):
-            raise ValueError(f"AugmentSettings.fill must be three values in 0..255 (RGB), got {self.fill}")
+            raise ConfigError(f"AugmentSettings.fill must be three values in 0..255 (RGB), got {self.fill}")
 
 
 def _uniform(low: float, high: float) -> float:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torchvision.ops import nms
 
 from m2det.deploy.fuse import fold_batchnorms
+from m2det.errors import ConfigError, FileFormatError
 from m2det.io.torchfile import atomic_path
 from m2det.models.m2det import M2Det
 
@@ -57,9 +58,9 @@ class GraphNMS:
         for name in ("score_threshold", "iou_threshold"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"nms {name} must be in [0, 1], got {value}")
+                raise ConfigError(f"nms {name} must be in [0, 1], got {value}")
         if self.max_per_class < 1:
-            raise ValueError(f"nms max_per_class must be >= 1, got {self.max_per_class}")
+            raise ConfigError(f"nms max_per_class must be >= 1, got {self.max_per_class}")
 
 
 def input_convention(model: M2Det, input_size: int) -> str:
@@ -407,5 +408,7 @@ def read_torchscript_metadata(path: Union[str, Path]) -> dict[str, str]:
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.load(str(path), map_location="cpu", _extra_files=files)
     if not files["m2det.json"]:
-        raise ValueError(f"{path}: a TorchScript file without m2det metadata (not written by m2det export)")
+        raise FileFormatError(
+            f"{path}: a TorchScript file without m2det metadata (not written by m2det export)"
+        )
     return json.loads(files["m2det.json"])

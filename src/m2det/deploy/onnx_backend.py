@@ -18,6 +18,7 @@ from torch import Tensor
 
 from m2det.config import ModelConfig
 from m2det.deploy.export import FORMAT, INPUT_NAME
+from m2det.errors import FileFormatError, M2DetError
 from m2det.models.m2det import M2Det
 
 
@@ -37,7 +38,7 @@ def create_session(
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ValueError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from None
+        raise FileFormatError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from None
 
 
 def read_onnx_metadata(path: Union[str, Path]) -> dict[str, str]:
@@ -50,13 +51,15 @@ def read_onnx_metadata(path: Union[str, Path]) -> dict[str, str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors
-        raise ValueError(f"{path}: not an ONNX model ({exc})") from None
+        raise FileFormatError(f"{path}: not an ONNX model ({exc})") from None
     return _check_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
 def _check_metadata(metadata: dict[str, str], path: Path) -> dict[str, str]:
     if metadata.get("m2det.format") != FORMAT or "m2det.config" not in metadata:
-        raise ValueError(f"{path}: an ONNX model without m2det metadata; export models with `m2det export`")
+        raise FileFormatError(
+            f"{path}: an ONNX model without m2det metadata; export models with `m2det export`"
+        )
     return metadata
 
 
@@ -79,7 +82,7 @@ class OnnxRuntimeBackend:
     def _feed(self, batch: Tensor) -> dict[str, np.ndarray]:
         expected = (3, self.input_size, self.input_size)
         if batch.dim() != 4 or tuple(batch.shape[1:]) != expected:
-            raise ValueError(
+            raise M2DetError(
                 f"{self.path}: the graph takes a batch [N, {', '.join(map(str, expected))}] (it was exported "
                 f"for input size {self.input_size}), got {tuple(batch.shape)}"
             )
@@ -127,7 +130,7 @@ class OnnxRuntimeM2Det(M2Det):
         self, images: Any, input_size: Optional[int] = None
     ) -> tuple[Tensor, list[tuple[int, int]]]:
         if input_size is not None and int(input_size) != self.input_size:
-            raise ValueError(
+            raise M2DetError(
                 f"{self.backend.path}: exported for input size {self.input_size}, cannot run at {input_size} "
                 "(export again with --size for another input size)"
             )
@@ -143,12 +146,12 @@ def check_backend_choice(backend: Optional[str], weights: Optional[Union[str, Pa
     is_onnx = weights is not None and Path(weights).suffix == ".onnx"
     chosen = backend or ("onnxruntime" if is_onnx else "pytorch")
     if chosen not in BACKENDS:
-        raise ValueError(f"--backend must be one of {BACKENDS}, got {chosen!r}")
+        raise M2DetError(f"--backend must be one of {BACKENDS}, got {chosen!r}")
     if chosen == "onnxruntime" and not is_onnx:
-        raise ValueError(
+        raise M2DetError(
             f"--backend onnxruntime runs an exported .onnx model, got {weights or 'no --weights'}; "
             "export one first with `m2det export model.onnx --weights ...`"
         )
     if chosen == "pytorch" and is_onnx:
-        raise ValueError(f"{weights}: an .onnx model runs with --backend onnxruntime")
+        raise M2DetError(f"{weights}: an .onnx model runs with --backend onnxruntime")
     return chosen

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from m2det.deploy.fuse import fold_batchnorms
+from m2det.errors import M2DetError
 from m2det.models.m2det import M2Det
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -98,10 +99,10 @@ def optimize_for_inference(
     if isinstance(model, InferenceM2Det):
         raise ValueError("the model is already optimised for inference; pass the original model")
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise M2DetError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     device = next(model.parameters()).device
     if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"cuda_graphs needs a model on a CUDA device, this one is on {device}")
+        raise M2DetError(f"cuda_graphs needs a model on a CUDA device, this one is on {device}")
     defaults = DEFAULT_OPTIONS
     options = InferenceOptions(
         fold_batchnorm=defaults.fold_batchnorm if fold_batchnorm is None else fold_batchnorm,

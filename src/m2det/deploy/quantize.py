@@ -26,6 +26,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 from m2det.deploy.export import INPUT_NAME
+from m2det.errors import ConfigError, M2DetError
 from m2det.io.torchfile import atomic_path
 
 # Ops quantised (when their neighbours allow): the convolutions carry the work, the rest lets
@@ -66,7 +67,7 @@ class DatasetCalibrationReader(CalibrationDataReader):
 
     def __init__(self, dataset: Any, normalize: Any, num_images: int, seed: int = 0):
         if num_images < 1:
-            raise ValueError(f"the number of calibration images must be >= 1, got {num_images}")
+            raise M2DetError(f"the number of calibration images must be >= 1, got {num_images}")
         count = min(num_images, len(dataset))
         self.dataset = dataset
         self.normalize = normalize
@@ -206,7 +207,7 @@ def quantize_onnx(
     )
 
     if calibration not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration must be one of {CALIBRATION_METHODS}, got {calibration!r}")
+        raise ConfigError(f"calibration must be one of {CALIBRATION_METHODS}, got {calibration!r}")
     calibrate_method = {
         "minmax": CalibrationMethod.MinMax,
         "percentile": CalibrationMethod.Percentile,

@@ -33,6 +33,7 @@ from torchvision.ops import box_convert, box_iou
 
 from m2det.boxes.coder import BoxCoder
 from m2det.device import resolve_device
+from m2det.errors import M2DetError
 
 BACKENDS = ("pytorch", "onnxruntime")
 REFERENCE_CONV = {"in_channels": 256, "out_channels": 256, "kernel": 3, "size": 40}
@@ -244,7 +245,7 @@ def synthesize_predictions(
     far below the threshold."""
     num_anchors = anchors.shape[0]
     if not 0 <= num_above <= num_anchors:
-        raise ValueError(
+        raise M2DetError(
             f"boxes above the threshold must be in [0, {num_anchors}] (the anchors), got {num_above}"
         )
     g = torch.Generator().manual_seed(seed)
@@ -283,10 +284,10 @@ def _load(
     """The model (for geometry, preprocessing, post-processing), the network callable and what it is."""
     path = Path(settings.model)
     if settings.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {settings.backend!r}")
+        raise M2DetError(f"backend must be one of {BACKENDS}, got {settings.backend!r}")
     if path.suffix == ".onnx":
         if settings.backend != "onnxruntime":
-            raise ValueError(f"{path}: an ONNX model runs with backend onnxruntime, not {settings.backend}")
+            raise M2DetError(f"{path}: an ONNX model runs with backend onnxruntime, not {settings.backend}")
         from m2det.deploy.onnx_backend import OnnxRuntimeM2Det
 
         model = OnnxRuntimeM2Det(path, threads=settings.threads)
@@ -327,7 +328,7 @@ def _torch_model(settings: BenchSettings) -> Any:
     if path.suffix == ".safetensors":
         return load_model(path)
     if path.suffix in (".pth", ".pt", ".onnx") or os.sep in settings.model:
-        raise ValueError(
+        raise M2DetError(
             f"model: expected a preset name, our .safetensors file or an .onnx export, got {settings.model!r}"
         )
     overrides: dict[str, Any] = {"backbone.weights": None}
@@ -354,13 +355,13 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
     from m2det.models.complexity import measure
 
     if settings.repeats < 1 or settings.warmup < 0:
-        raise ValueError(
+        raise M2DetError(
             f"repeats must be >= 1 and warmup >= 0, got {settings.repeats} and {settings.warmup}"
         )
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
-        raise ValueError(f"batch sizes must be >= 1, got {settings.batch_sizes}")
+        raise M2DetError(f"batch sizes must be >= 1, got {settings.batch_sizes}")
     if settings.postprocess_load not in ("synthetic", "model"):
-        raise ValueError(f"postprocess_load must be synthetic or model, got {settings.postprocess_load!r}")
+        raise M2DetError(f"postprocess_load must be synthetic or model, got {settings.postprocess_load!r}")
     device = resolve_device(settings.device)
     if settings.threads:
         torch.set_num_threads(int(settings.threads))

@@ -30,6 +30,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from m2det.config import ModelConfig
+from m2det.errors import FileFormatError
 from m2det.io.checkpoint import read_metadata, save_model
 from m2det.io.torchfile import read_torch_file, remove_temporaries, write_bytes_atomic
 
@@ -88,23 +90,27 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"training state not found: {path}")
     state = read_torch_file(path)
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: not an m2det training state (version {STATE_VERSION} expected)")
+        raise FileFormatError(f"{path}: not an m2det training state (version {STATE_VERSION} expected)")
     return state
 
 
 def save_checkpoint(
-    run_dir: PathLike, model: torch.nn.Module, state: dict[str, Any], extra: dict[str, Any]
+    run_dir: PathLike,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    extra: dict[str, Any],
+    config: Optional[ModelConfig] = None,
 ) -> Path:
     """Write `model` and its training `state` (with an `epoch`) as the run folder's last checkpoint.
 
     The steps are in the module docstring. An error leaves the previous checkpoint in place.
-    Returns the path of the model file, `last.safetensors`.
+    Returns the path of the model file, `last.safetensors`; `config` as in `save_model`.
     """
     run_dir = Path(run_dir)
     state_path = run_dir / f"last_state_{int(state['epoch']):03d}_{secrets.token_hex(4)}.pt"
     save_training_state(state_path, state)
     try:
-        save_model(model, run_dir / LAST_MODEL, extra={**extra, STATE_KEY: state_path.name})
+        save_model(model, run_dir / LAST_MODEL, extra={**extra, STATE_KEY: state_path.name}, config=config)
     except BaseException:
         # nothing names the new state unless the rename was done and only a later flush failed
         with contextlib.suppress(Exception):
@@ -133,7 +139,7 @@ def load_checkpoint(run_dir: PathLike) -> Checkpoint:
         raise FileNotFoundError(f"{model_path}: its training state {state_path} is missing")
     state = load_training_state(state_path)
     if extra.get("epoch") != state["epoch"]:
-        raise ValueError(
+        raise FileFormatError(
             f"{run_dir}: {LAST_MODEL} is from epoch {extra.get('epoch')} but {state_path.name} from epoch "
             f"{state['epoch']}; the run was interrupted while saving and cannot resume exactly"
         )
@@ -149,14 +155,14 @@ def named_state(run_dir: PathLike) -> Optional[str]:
 def _model_extra(model_path: Path) -> dict[str, Any]:
     extra = json.loads(read_metadata(model_path).get("extra", "{}"))
     if not isinstance(extra, dict):
-        raise ValueError(f"{model_path}: its extra metadata is not a mapping")
+        raise FileFormatError(f"{model_path}: its extra metadata is not a mapping")
     return extra
 
 
 def _state_name(model_path: Path, extra: dict[str, Any]) -> str:
     name = extra.get(STATE_KEY, LEGACY_STATE)
     if not isinstance(name, str) or not _STATE_NAME.fullmatch(name):
-        raise ValueError(f"{model_path}: names {name!r} as its training state, not a state file name")
+        raise FileFormatError(f"{model_path}: names {name!r} as its training state, not a state file name")
     return name
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from m2det.device import resolve_device
+from m2det.errors import M2DetError
 
 # Long, because the other processes wait while rank 0 runs the validation.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
@@ -49,10 +50,10 @@ def env_info() -> DistInfo:
         try:
             values[name] = int(raw)
         except ValueError:
-            raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+            raise M2DetError(f"environment variable {name} must be an integer, got {raw!r}") from None
     info = DistInfo(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
     if info.world_size < 1 or not 0 <= info.rank < info.world_size:
-        raise ValueError(f"RANK={info.rank} does not fit WORLD_SIZE={info.world_size}")
+        raise M2DetError(f"RANK={info.rank} does not fit WORLD_SIZE={info.world_size}")
     return info
 
 

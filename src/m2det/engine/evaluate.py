@@ -24,6 +24,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from m2det.engine.voc_eval import mean_ap, voc_evaluate
+from m2det.errors import FileFormatError, M2DetError
 from m2det.inference.results import coco_results
 from m2det.io.jsonfile import finite_json, read_json, write_json
 from m2det.io.torchfile import atomic_path
@@ -163,14 +164,14 @@ def _check_fields(entry: Any, fields: dict[str, str], where: str) -> None:
     """Raise a ValueError naming `where` and the field unless `entry` is an object whose `fields`
     (name -> kind of `_KINDS`) are all present and valid."""
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+        raise FileFormatError(f"{where}: expected an object, got {type(entry).__name__}")
     missing = [name for name in fields if name not in entry]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
+        raise FileFormatError(f"{where}: missing field(s) {missing}")
     for name, kind in fields.items():
         test, expected = _KINDS[kind]
         if not test(entry[name]):
-            raise ValueError(f"{where}: field {name!r} must be {expected}, got {entry[name]!r}")
+            raise FileFormatError(f"{where}: field {name!r} must be {expected}, got {entry[name]!r}")
 
 
 def check_detections(
@@ -187,7 +188,7 @@ def check_detections(
     leave the detection out (an unknown category) or take `true` for the id 1.
     """
     if not isinstance(detections, list):
-        raise ValueError(
+        raise FileFormatError(
             f"{source}: expected a list of detections in COCO results format, got {type(detections).__name__}"
         )
     image_ids = set(coco_gt.getImgIds())
@@ -197,12 +198,12 @@ def check_detections(
         where = f"{source}: detection {i}"
         _check_fields(det, DETECTION_FIELDS, where)
         if det["image_id"] not in image_ids:
-            raise ValueError(
+            raise FileFormatError(
                 f"{where}: field 'image_id' {det['image_id']!r} is not an image of the ground truth "
                 f"({len(image_ids)} images, ids e.g. {sorted(image_ids)[:5]})"
             )
         if det["category_id"] not in known_categories:
-            raise ValueError(
+            raise FileFormatError(
                 f"{where}: field 'category_id' {det['category_id']!r} is not a category of the ground truth "
                 f"(ids {sorted(known_categories)[:20]})"
             )
@@ -240,7 +241,7 @@ def read_coco_gt(path: Union[str, Path]) -> COCO:
             _check_fields(entry, fields, f"{path}: {key}[{k}]")
     for key in ("images", "categories"):
         if not data[key]:
-            raise ValueError(f"{path}: {key!r} is empty, so there is nothing to score")
+            raise FileFormatError(f"{path}: {key!r} is empty, so there is nothing to score")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
@@ -470,7 +471,7 @@ def is_voc(dataset: Any) -> bool:
 def _check_classes(model: torch.nn.Module, dataset: Any) -> None:
     names = list(dataset.class_names)
     if model.num_classes - 1 != len(names):
-        raise ValueError(
+        raise M2DetError(
             f"the model predicts {model.num_classes - 1} classes but the data set has {len(names)} "
             f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
         )
@@ -622,3 +623,102 @@ def evaluate(
     )
     result.seconds = seconds
     return result
+
+
+# ----- the two flows of `m2det eval`: a results file scored, or a model run and scored -----
+def score_results_file(
+    detections: Union[str, Path],
+    data: str,
+    split: str = "val",
+    *,
+    max_images: Optional[int] = None,
+    voc_plus_one: Optional[bool] = None,
+) -> tuple[EvalResult, dict[str, Any]]:
+    """Score a COCO results file against the ground truth `data` (all images, or the first
+    `max_images`); returns the result and what was scored, for its metrics.json.
+
+    A COCO json is read as written and scored as pycocotools scores it, so the numbers are
+    pycocotools' to the last digit and no image files are needed. VOC and YOLO ground truth goes
+    through the data set, which turns it into COCO form. VOC AP uses the devkit's +1 pixel areas
+    when `voc_plus_one` says so, by default for VOC data only.
+    """
+    from m2det.data import build_dataset
+
+    category_ids: Optional[list[int]] = None  # a COCO json's own ids
+    if Path(data).suffix.lower() == ".json":  # a COCO json, as build_dataset decides
+        coco_gt = read_coco_gt(data)
+        image_ids = [image["id"] for image in coco_gt.dataset["images"]]
+        pixel_inclusive = bool(voc_plus_one)
+    else:
+        dataset = build_dataset(data, split, keep_ignored=True)
+        coco_gt = dataset.coco_gt()
+        category_ids = dataset_category_ids(dataset)
+        image_ids = [dataset.image_info(i).image_id for i in range(len(dataset))]
+        pixel_inclusive = is_voc(dataset) if voc_plus_one is None else voc_plus_one
+    result = score_detections(
+        coco_gt,
+        read_detections(detections, coco_gt, category_ids),
+        category_ids=category_ids,
+        image_ids=image_ids[:max_images],
+        voc_pixel_inclusive=pixel_inclusive,
+    )
+    described = {"data": str(data), "split": split, "voc_plus_one": pixel_inclusive}
+    return result, {**described, "detections": str(detections)}
+
+
+def evaluate_weights(
+    weights: Union[str, Path],
+    data: str,
+    split: str = "val",
+    *,
+    preset: Optional[str] = None,
+    device: str = "auto",
+    settings: str = "paper",
+    score_threshold: Optional[float] = None,
+    sizes: Optional[list[int]] = None,
+    flip: bool = False,
+    batch_size: int = 8,
+    workers: int = 0,
+    max_images: Optional[int] = None,
+    voc_plus_one: Optional[bool] = None,
+) -> tuple[EvalResult, dict[str, Any]]:
+    """Run the model file `weights` (an official .pth with its `preset`) on `data` with these
+    post-processing settings and test-time options, and score it; returns the result and what
+    was run, for its metrics.json. VOC AP's +1 pixel areas: as in `score_results_file`."""
+    from dataclasses import asdict
+
+    from m2det.data import build_dataset
+    from m2det.device import resolve_device
+    from m2det.inference.detector import Detector
+
+    dataset = build_dataset(data, split, keep_ignored=True)
+    pixel_inclusive = is_voc(dataset) if voc_plus_one is None else voc_plus_one
+    detector = Detector(
+        weights,
+        preset=preset,
+        device=resolve_device(device),
+        score_threshold=score_threshold,
+        settings=settings,
+        batch_size=batch_size,
+        sizes=sizes,
+        flip=flip,
+    )
+    result = evaluate(
+        detector,
+        dataset,
+        batch_size=batch_size,
+        workers=workers,
+        max_images=max_images,
+        voc_pixel_inclusive=pixel_inclusive,
+    )
+    return result, {
+        "data": str(data),
+        "split": split,
+        "voc_plus_one": pixel_inclusive,
+        "weights": str(weights),
+        "model": detector.model.config.name,
+        "settings": asdict(detector.settings),
+        "sizes": detector.sizes,
+        "flip": detector.flip,
+        "device": str(detector.device),
+    }

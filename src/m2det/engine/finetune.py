@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from m2det.engine.train_config import TrainConfig
+from m2det.errors import ConfigError
 
 
 def _matches(name: str, prefix: str) -> bool:
@@ -58,7 +59,7 @@ def parameter_groups(
     unknown = [p for p in lr_mults if not any(_matches(name, p) for name, _ in named)]
     if unknown:
         tops = sorted({name.split(".")[0] for name, _ in named})
-        raise ValueError(
+        raise ConfigError(
             f"train.lr_mults: {unknown} match no parameter of the model; prefixes are module paths "
             f"such as {', '.join(tops)}, head.conf, mlfpn.tums.0"
         )

@@ -15,6 +15,8 @@ from typing import Callable, Optional
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from m2det.errors import ConfigError
+
 POLICIES = ("step", "cosine")
 
 
@@ -39,17 +41,17 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise ValueError(f"schedule: unknown policy {self.policy!r}; expected one of {POLICIES}")
+            raise ConfigError(f"schedule: unknown policy {self.policy!r}; expected one of {POLICIES}")
         if self.lr <= 0:
-            raise ValueError(f"schedule: lr must be > 0, got {self.lr}")
+            raise ConfigError(f"schedule: lr must be > 0, got {self.lr}")
         if self.epochs < 1:
-            raise ValueError(f"schedule: epochs must be >= 1, got {self.epochs}")
+            raise ConfigError(f"schedule: epochs must be >= 1, got {self.epochs}")
         if self.warmup_epochs < 0:
-            raise ValueError(f"schedule: warmup_epochs must be >= 0, got {self.warmup_epochs}")
+            raise ConfigError(f"schedule: warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if list(self.milestones) != sorted(self.milestones):
-            raise ValueError(f"schedule: milestones must be increasing, got {self.milestones}")
+            raise ConfigError(f"schedule: milestones must be increasing, got {self.milestones}")
         if self.step_lrs is not None and len(self.step_lrs) != len(self.milestones):
-            raise ValueError(
+            raise ConfigError(
                 f"schedule: step_lrs needs one rate per milestone ({len(self.milestones)}), "
                 f"got {len(self.step_lrs)}"
             )

@@ -11,7 +11,9 @@ checkpoint, so the checkpoint of the last finished epoch stays the last good one
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import math
 import random
 import time
@@ -26,6 +28,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from m2det.config import ModelConfig
 from m2det.device import usable_cores
 from m2det.engine import distributed
 from m2det.engine.callbacks import EMA, Callback, CloseMosaic, EarlyStopping
@@ -41,11 +44,14 @@ from m2det.engine.checkpoint_state import (
 from m2det.engine.finetune import parameter_groups, prepare_epoch
 from m2det.engine.schedule import TimeBudget, build_scheduler
 from m2det.engine.train_config import TrainConfig
+from m2det.errors import ConfigError, M2DetError
 from m2det.io.checkpoint import load_weights, save_model
 from m2det.io.torchfile import atomic_path
 from m2det.progress import progress_bar
 
 PathLike = Union[str, Path]
+
+logger = logging.getLogger("m2det.train")
 
 BEST_MODEL = "best.safetensors"
 RESULTS_CSV = "results.csv"
@@ -123,6 +129,10 @@ class Trainer:
     their original pixels and provides `coco_gt()` (it is scored by `m2det.engine.evaluate`).
     `callbacks` (`m2det.engine.callbacks`) run after those the config asks for (e.g. early
     stopping); `clock` is the time source of time limits (tests pass a fake one).
+
+    `progress` shows a progress bar; the per-epoch lines are log records of `m2det.train` (INFO),
+    shown where logging is configured (`m2det.progress.show_logs` for a terminal). The caller's
+    `model.config` is not changed: the data's class names go into the run's files only.
     """
 
     def __init__(
@@ -147,26 +157,30 @@ class Trainer:
         self.progress = progress
         self.callbacks = list(callbacks)
         self.clock = clock
-        self._check_classes()
+        # what the model files and config.yaml record as the model's config (see `_with_data_classes`)
+        self.model_config = self._with_data_classes()
 
-    def _check_classes(self) -> None:
+    def _with_data_classes(self) -> ModelConfig:
+        """The model's config as the run's files record it: with the training data's class names
+        when the model has none. A copy: the caller's `model.config` stays as it was given."""
         config = self.model.config
         names = getattr(self.train_set, "class_names", None)
         if names is None:
-            return
+            return config
         if config.num_classes != len(names) + 1:
-            raise ValueError(
+            raise M2DetError(
                 f"the model has num_classes={config.num_classes} (background included) but the training "
                 f"data has {len(names)} classes {list(names)[:10]}: build the model with "
                 f"num_classes={len(names) + 1}"
             )
         if config.class_names is None:
-            config.class_names = list(names)
-        elif list(config.class_names) != list(names):
-            raise ValueError(
+            return dataclasses.replace(config, class_names=list(names))
+        if list(config.class_names) != list(names):
+            raise M2DetError(
                 f"the model's class_names {config.class_names[:10]} differ from the training data's "
                 f"{list(names)[:10]}"
             )
+        return config
 
     # ----- the whole run -----
     def fit(
@@ -294,14 +308,14 @@ class TrainingRun:
     def _build(self, state: Optional[dict[str, Any]]) -> None:
         config, info = self.config, self.info
         if config.batch_size % info.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={config.batch_size} (the global batch) must be divisible by the "
                 f"number of processes ({info.world_size})"
             )
         self.model.to(self.device)
         if config.sync_bn and info.is_distributed:
             if self.device.type != "cuda":
-                raise ValueError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+                raise ConfigError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.eval_model = self.model
         self.model.loss_fn = config.build_loss(self.model)  # the training settings own the loss
@@ -309,7 +323,7 @@ class TrainingRun:
             try:
                 self.model.anchors(size)
             except ValueError as exc:
-                raise ValueError(f"train.multiscale_sizes: {exc}") from None
+                raise ConfigError(f"train.multiscale_sizes: {exc}") from None
         self._wrap()
         self.loader = self._loader()
         self.steps_per_epoch = len(self.loader)
@@ -332,7 +346,7 @@ class TrainingRun:
             seed_everything(config.seed + info.rank)
             return
         if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(
+            raise M2DetError(
                 f"{self.run_dir}: the run had {state['steps_per_epoch']} steps per epoch, this one has "
                 f"{self.steps_per_epoch}; resume with the same data and train.batch_size"
             )
@@ -381,7 +395,7 @@ class TrainingRun:
         )
         if len(loader) == 0:
             size = len(self.trainer.train_set) if isinstance(self.trainer.train_set, Sized) else "?"
-            raise ValueError(
+            raise M2DetError(
                 f"the training data has {size} images, fewer than one batch per process "
                 f"(train.batch_size={config.batch_size} over {info.world_size} process(es))"
             )
@@ -397,7 +411,7 @@ class TrainingRun:
         if removed:
             self._print(f"removed {len(removed)} file(s) an interrupted run left in {self.run_dir}")
         config_text = yaml.safe_dump(
-            {"model": json.loads(self.model.config.to_json()), "train": self.config.to_dict()},
+            {"model": json.loads(self.trainer.model_config.to_json()), "train": self.config.to_dict()},
             sort_keys=False,
         )
         with atomic_path(self.run_dir / CONFIG_FILE) as tmp:
@@ -626,13 +640,18 @@ class TrainingRun:
         """Write the epoch's files, the checkpoint last: a kill before it leaves a run that resumes
         from the previous checkpoint and redoes this epoch, replacing the rest (rows past the
         checkpoint are dropped on resume)."""
-        config = self.config
+        config, model_config = self.config, self.trainer.model_config
         extra = self._extra()
         self._write_csv([*self._read_csv(), row])
         if self.best_epoch == self.epoch:
-            save_model(self.eval_model, self.run_dir / BEST_MODEL, extra=extra)
+            save_model(self.eval_model, self.run_dir / BEST_MODEL, extra=extra, config=model_config)
         if config.save_every and self.epoch % config.save_every == 0:
-            save_model(self.eval_model, self.run_dir / f"epoch_{self.epoch:03d}.safetensors", extra=extra)
+            save_model(
+                self.eval_model,
+                self.run_dir / f"epoch_{self.epoch:03d}.safetensors",
+                extra=extra,
+                config=model_config,
+            )
         state = {
             "epoch": self.epoch,
             "step": self.step,
@@ -652,7 +671,7 @@ class TrainingRun:
         }
         if self.eval_model is not self.model:  # the model file holds eval_model: keep the trained one here
             state["train_model"] = self.model.state_dict()
-        save_checkpoint(self.run_dir, self.eval_model, state, extra)
+        save_checkpoint(self.run_dir, self.eval_model, state, extra, config=model_config)
         self.saved_epoch = self.epoch
 
     def _save_failed(self, exc: OSError) -> OSError:
@@ -703,12 +722,9 @@ class TrainingRun:
             self.bar.update(1)
 
     def _print(self, text: str) -> None:
-        if not self.trainer.progress:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
+        """Log `text` (INFO, `m2det.train`): a handler shows it (`m2det.progress.show_logs`, which the
+        command line installs), above the progress bar."""
+        logger.info(text)
 
     def _read_csv(self) -> list[dict[str, str]]:
         path = self.run_dir / RESULTS_CSV

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -15,6 +16,7 @@ from typing import Any, Optional, Union
 from m2det.config import dataclass_from_dict, read_yaml_mapping, replace_fields
 from m2det.device import default_workers
 from m2det.engine.schedule import LRSchedule
+from m2det.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 MATCHERS = ("iou", "atss")
@@ -99,14 +101,14 @@ class TrainConfig:
         positive = ("epochs", "batch_size", "lr", "loss_limit", "log_every")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         for name in ("workers", "eval_every", "save_every", "weight_decay", "momentum", "patience"):
             if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if isinstance(self.freeze_backbone_epochs, bool) or self.freeze_backbone_epochs < -1:
-            raise ValueError(
+            raise ConfigError(
                 "train.freeze_backbone_epochs must be a number of epochs (0: never, -1: the whole run), "
                 f"got {self.freeze_backbone_epochs!r}"
             )
@@ -114,55 +116,57 @@ class TrainConfig:
             isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
             for k, v in self.lr_mults.items()
         ):
-            raise ValueError(
+            raise ConfigError(
                 "train.lr_mults must map parameter-name prefixes to multipliers >= 0, e.g. "
                 f"{{backbone: 0.1}}, got {self.lr_mults!r}"
             )
         if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
         if not self.ema_tau > 0:
-            raise ValueError(f"train.ema_tau must be > 0 (optimiser steps), got {self.ema_tau}")
+            raise ConfigError(f"train.ema_tau must be > 0 (optimiser steps), got {self.ema_tau}")
         if self.time_limit_min is not None and not self.time_limit_min > 0:
-            raise ValueError(f"train.time_limit_min must be > 0 minutes or null, got {self.time_limit_min}")
+            raise ConfigError(f"train.time_limit_min must be > 0 minutes or null, got {self.time_limit_min}")
         self._validate_loss()
         self._validate_mixing()
         if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"train.clip_grad must be > 0 or null, got {self.clip_grad}")
+            raise ConfigError(f"train.clip_grad must be > 0 or null, got {self.clip_grad}")
         from m2det.engine.evaluate import STAT_NAMES, VOC_NAMES
 
         if self.best_metric not in (*STAT_NAMES, *VOC_NAMES):
-            raise ValueError(
+            raise ConfigError(
                 f"train.best_metric must be one of {(*STAT_NAMES, *VOC_NAMES)}, got {self.best_metric!r}"
             )
         try:
             self.schedule()
         except ValueError as exc:
-            raise ValueError(f"train.{exc}") from None
+            raise ConfigError(f"train.{exc}") from None
         return self
 
     def _validate_loss(self) -> None:
         from m2det.boxes.loss import BOX_LOSSES
 
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.box_loss not in BOX_LOSSES:
-            raise ValueError(f"train.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
+            raise ConfigError(f"train.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
         if not self.box_loss_weight > 0:
-            raise ValueError(f"train.box_loss_weight must be > 0, got {self.box_loss_weight}")
+            raise ConfigError(f"train.box_loss_weight must be > 0, got {self.box_loss_weight}")
         if self.matcher not in MATCHERS:
-            raise ValueError(f"train.matcher must be one of {MATCHERS}, got {self.matcher!r}")
+            raise ConfigError(f"train.matcher must be one of {MATCHERS}, got {self.matcher!r}")
         if not _whole(self.atss_topk) or self.atss_topk < 1:
-            raise ValueError(f"train.atss_topk must be a whole number >= 1, got {self.atss_topk!r}")
+            raise ConfigError(f"train.atss_topk must be a whole number >= 1, got {self.atss_topk!r}")
 
     def _validate_mixing(self) -> None:
         for name in ("mosaic", "mixup"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"train.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not _whole(self.close_mosaic) or self.close_mosaic < 0:
-            raise ValueError(f"train.close_mosaic must be a number of epochs >= 0, got {self.close_mosaic!r}")
+            raise ConfigError(
+                f"train.close_mosaic must be a number of epochs >= 0, got {self.close_mosaic!r}"
+            )
         sizes = self.multiscale_sizes
         if not isinstance(sizes, list) or not all(_whole(v) and v >= 32 and v % 32 == 0 for v in sizes):
-            raise ValueError(
+            raise ConfigError(
                 f"train.multiscale_sizes must be a list of input sizes that are multiples of 32, e.g. "
                 f"[256, 320, 384], got {sizes!r}"
             )
@@ -235,6 +239,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """A config from a mapping; `preset: NAME` starts from that preset."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"train: expected a mapping of training settings, got {data!r}")
         data = dict(data)
         preset = data.pop("preset", None)
         if preset is not None:
@@ -251,8 +257,8 @@ class TrainConfig:
         """The `train:` section of a config file's content; errors name `where`."""
         try:
             return cls.from_dict(data.get("train") or {})
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 def _whole(value: Any) -> bool:
@@ -372,15 +378,35 @@ DEFAULT_PRESET = "adamw_cosine"
 
 
 def get_train_config(name: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
-    """A training preset (the paper's recipe plus the preset's changes) with field overrides, validated."""
-    if name not in TRAIN_PRESETS:
-        raise ValueError(f"unknown training preset {name!r}; available: {', '.join(TRAIN_PRESETS)}")
+    """A training preset (the paper's recipe plus the preset's changes) with field overrides (dotted
+    keys too, see `m2det.config.replace_fields`), validated."""
+    if not isinstance(name, str) or name not in TRAIN_PRESETS:
+        raise ConfigError(f"unknown training preset {name!r}; available: {', '.join(TRAIN_PRESETS)}")
     # the instance must not share the presets' lists
-    preset = copy.deepcopy({**PAPER_RECIPE, **TRAIN_PRESETS[name]})
-    return dataclass_from_dict(TrainConfig, {**preset, **overrides}, "train").validate()
+    preset = dataclass_from_dict(TrainConfig, copy.deepcopy({**PAPER_RECIPE, **TRAIN_PRESETS[name]}), "train")
+    return with_train_overrides(preset, **overrides)
 
 
 def with_train_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
     """A validated copy of `config` with fields replaced (e.g. from `--set train.epochs=10`); see
     `m2det.config.replace_fields` for dotted keys."""
     return replace_fields(config, overrides, "train").validate()
+
+
+def build_train_config(
+    section: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    default_preset: str = DEFAULT_PRESET,
+    where: Union[str, Path] = "train",
+) -> TrainConfig:
+    """The training settings of a config file's `train:` section and `--set` overrides, in this
+    order: the preset that `overrides` name (`preset`), else the section's `preset:`, else
+    `default_preset`; the section's other fields (errors name `where`); then the other overrides.
+    A `train:` section thus changes the recipe a command starts from, as ultralytics' cfg does."""
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: train: expected a mapping of training settings, got {section!r}")
+    fields, rest = dict(section), dict(overrides)
+    preset = rest.pop("preset", None) or fields.pop("preset", None) or default_preset
+    fields.pop("preset", None)
+    config = TrainConfig.from_mapping({"train": {"preset": preset, **fields}}, where)
+    return with_train_overrides(config, **rest)

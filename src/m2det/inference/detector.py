@@ -20,6 +20,7 @@ from torch import Tensor
 
 from m2det.boxes.postprocess import PostProcessor, PostprocessSettings, get_settings
 from m2det.device import resolve_device
+from m2det.errors import FileFormatError, M2DetError
 from m2det.inference.multiscale import detect_multiscale
 from m2det.io.torchfile import is_torch_file
 from m2det.models.m2det import M2Det, pyramid_sizes
@@ -66,7 +67,7 @@ class Detector:
         flip: bool = False,
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise M2DetError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.model = load_model_for_inference(weights, preset).to(self.device).eval()
         chosen = get_settings(settings)
@@ -178,17 +179,17 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
 
         model = load_model(path)
         if preset is not None and preset != model.config.name:
-            raise ValueError(
+            raise M2DetError(
                 f"{path}: holds a {model.config.name} model, not {preset}; leave out the preset for .safetensors files"
             )
         return model
     if not is_torch_file(path):
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: not a model file; expected our .safetensors model (from training or `m2det convert`), "
             "an official M2Det .pth checkpoint (with its preset) or an .onnx file from `m2det export`"
         )
     if preset is None:
-        raise ValueError(
+        raise M2DetError(
             f"{path}: an official checkpoint needs its preset (e.g. m2det512_vgg16) to know the architecture"
         )
     from m2det.io.official import build_official_model

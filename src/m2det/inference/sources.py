@@ -17,6 +17,7 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
+from m2det.errors import FileFormatError
 from m2det.io.image import IMAGE_SUFFIXES
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"})
@@ -76,7 +77,7 @@ class VideoReader:
         self.capture = cv2.VideoCapture(target)
         what = f"camera {item.path}" if item.kind == "camera" else item.path
         if not self.capture.isOpened():
-            raise ValueError(f"{what}: cannot be opened as a video")
+            raise FileFormatError(f"{what}: cannot be opened as a video")
         fps = self.capture.get(cv2.CAP_PROP_FPS)
         self.fps = fps if fps and fps > 0 else 25.0
         count = int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT))

@@ -15,17 +15,24 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from m2det.config import ModelConfig
+from m2det.errors import FileFormatError
 from m2det.io.torchfile import shared_state_groups, write_bytes_atomic
 
 FORMAT = "m2det"
 
 
 def save_model(
-    model: torch.nn.Module, path: Union[str, Path], extra: Union[dict[str, Any], None] = None
+    model: torch.nn.Module,
+    path: Union[str, Path],
+    extra: Union[dict[str, Any], None] = None,
+    config: Union[ModelConfig, None] = None,
 ) -> Path:
-    """Write `model` (an M2Det) to `path` as safetensors + config, atomically and durably."""
+    """Write `model` (an M2Det) to `path` as safetensors + config, atomically and durably.
+
+    `config` is written instead of `model.config` when given (the trainer adds the data's class
+    names there rather than changing the caller's model)."""
     path = Path(path)
-    metadata = {"format": FORMAT, "config": model.config.to_json()}
+    metadata = {"format": FORMAT, "config": (config or model.config).to_json()}
     if extra:
         metadata["extra"] = json.dumps(extra)
     unique = {names[0]: tensor.detach().cpu().contiguous() for names, tensor in shared_state_groups(model)}
@@ -45,7 +52,7 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> None:
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in stored if k not in own)
     if missing or unexpected:
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: weights do not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
         )
     model.load_state_dict(state, strict=True)
@@ -58,7 +65,7 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a safetensors file ({exc})") from None
+        raise FileFormatError(f"{path}: not a safetensors file ({exc})") from None
 
 
 def read_safetensors(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -68,7 +75,7 @@ def read_safetensors(path: Union[str, Path]) -> tuple[dict[str, Tensor], dict[st
     try:
         return load_file(str(path)), metadata
     except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise FileFormatError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def is_model_metadata(metadata: dict[str, str]) -> bool:
@@ -81,7 +88,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, str]:
     path = Path(path)
     metadata = _safetensors_metadata(path)
     if not is_model_metadata(metadata):
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: a safetensors file without an m2det config; convert official .pth files with `m2det convert`"
         )
     return metadata

@@ -39,6 +39,8 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
+from m2det.errors import M2DetError
+
 PathLike = Union[str, Path]
 
 # Image files the data sets and `m2det detect` read, in the order a VOC image id is tried with.
@@ -55,7 +57,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct
 _READABLE = "JPEG, PNG, BMP, TIFF, WebP, PPM/PGM"
 
 
-class ImageReadError(ValueError):
+class ImageReadError(M2DetError):
     """An image that cannot be used: `source` names the file (or request body), `problem` says why."""
 
     def __init__(self, source: object, problem: str) -> None:

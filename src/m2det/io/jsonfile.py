@@ -7,12 +7,13 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from m2det.errors import FileFormatError, M2DetError
 from m2det.io.torchfile import atomic_path, errors_name
 
 
-def read_json(path: Union[str, Path], what: str = "file", error: type[Exception] = ValueError) -> Any:
-    """The parsed content of `path`; a missing file or invalid JSON raises `error` naming the file
-    (`what` says which file it was meant to be)."""
+def read_json(path: Union[str, Path], what: str = "file", error: type[M2DetError] = FileFormatError) -> Any:
+    """The parsed content of `path`; a missing file or invalid JSON raises `error` (a user mistake,
+    `m2det.errors`) naming the file (`what` says which file it was meant to be)."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {what} not found")
@@ -71,7 +72,7 @@ class JsonLinesWriter:
 
 def read_json_lines(path: Union[str, Path]) -> list[Any]:
     """The records of a JSON Lines file. A last line cut short (no newline: the writer was stopped
-    mid-line) is left out; any other line that is not JSON raises ValueError naming file and line."""
+    mid-line) is left out; any other line that is not JSON raises FileFormatError naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: JSON Lines file not found")
@@ -85,5 +86,5 @@ def read_json_lines(path: Union[str, Path]) -> list[Any]:
         except json.JSONDecodeError as exc:
             if number == len(lines):  # unterminated: the write was cut short
                 break
-            raise ValueError(f"{path}, line {number}: not valid JSON ({exc})") from None
+            raise FileFormatError(f"{path}, line {number}: not valid JSON ({exc})") from None
     return records

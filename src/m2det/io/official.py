@@ -17,6 +17,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from m2det.errors import FileFormatError, M2DetError
 from m2det.io.torchfile import as_state_dict, load_state_dict_file, shared_state_groups
 
 # Backbones of the authors' released configurations; their layouts are `official_layouts/<name>.tsv`.
@@ -91,7 +92,7 @@ def official_layout(backbone: str) -> dict[str, tuple[int, ...]]:
     input size changes no shape (their 320 and 512 VGG16 layouts are identical).
     """
     if backbone not in OFFICIAL_BACKBONES:
-        raise ValueError(
+        raise M2DetError(
             f"no official layout for backbone {backbone!r}; the authors' layouts are for {', '.join(OFFICIAL_BACKBONES)}"
         )
     return dict(_read_layout(backbone))
@@ -170,7 +171,7 @@ def _check_shared(model: nn.Module, renamed: dict[str, Tensor]) -> None:
             first = renamed[present[0]]
             differing = [n for n in present[1:] if not torch.equal(renamed[n], first)]
             if differing:
-                raise ValueError(
+                raise FileFormatError(
                     f"the checkpoint holds different values for {present[0]} and {_describe(differing)}, "
                     "which this model shares as one module (as the official code does); build the model with "
                     "mlfpn.shared_leach=False / mlfpn.shared_sfam=False to load them separately"
@@ -217,7 +218,7 @@ def load_official(
     if strict and report.unexpected:
         problems.append(f"not in the official layout of this model: {_describe(report.unexpected)}")
     if problems:
-        raise ValueError(
+        raise FileFormatError(
             f"{where}: does not fit {model.config.name}{_hint(state, model, mismatched)}; "
             + "; ".join(problems)
         )
@@ -231,7 +232,7 @@ def official_num_classes(
 ) -> int:
     """Number of classes (background included) implied by an official checkpoint's conf.0 head."""
     if "conf.0.weight" not in state:
-        raise ValueError(
+        raise FileFormatError(
             f"{where}: not an official M2Det checkpoint: it has no conf.0.weight (the first class head) "
             f"among its {len(state)} tensors"
         )

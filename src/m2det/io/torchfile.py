@@ -16,6 +16,8 @@ from typing import Any, NoReturn, Union
 import torch
 from torch import Tensor
 
+from m2det.errors import FileFormatError
+
 # Containers that training scripts commonly wrap a state dict in.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 
@@ -38,20 +40,22 @@ def read_torch_file(path: Union[str, Path]) -> Any:
     """
     path = Path(path)
     if not is_torch_file(path):
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: not a PyTorch file (neither a torch.save zip archive nor a legacy pickle); "
             "expected a .pth/.pt file written by torch.save"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only refused an operation of the file's pickle
-        raise ValueError(_refusal(path, str(exc))) from None
+        raise FileFormatError(_refusal(path, str(exc))) from None
     except EOFError:
-        raise ValueError(
+        raise FileFormatError(
             f"{path}: ends early; the file looks truncated (an interrupted copy or download?)"
         ) from None
     except Exception as exc:  # a damaged file fails in many ways
-        raise ValueError(f"{path}: cannot be read as a PyTorch file ({type(exc).__name__}: {exc})") from None
+        raise FileFormatError(
+            f"{path}: cannot be read as a PyTorch file ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def load_state_dict_file(path: Union[str, Path]) -> dict[str, Tensor]:
@@ -98,7 +102,7 @@ def as_state_dict(state: Any, where: str) -> dict[str, Tensor]:
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{where}: expected a state dict of tensors")
+        raise FileFormatError(f"{where}: expected a state dict of tensors")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)

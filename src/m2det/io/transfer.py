@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from m2det.config import ModelConfig, get_config, with_overrides
+from m2det.errors import FileFormatError, M2DetError
 from m2det.io.torchfile import as_state_dict, load_state_dict_file, shared_state_groups
 
 Source = Union[str, Path, dict[str, Tensor], "Checkpoint"]
@@ -141,7 +142,7 @@ def finetune_config(
     the checkpoint's model lays out its anchors at any size other than its own.
     """
     if base is None and checkpoint.config is None:
-        raise ValueError(
+        raise FileFormatError(
             f"{checkpoint.where}: holds no model configuration; give the preset it was trained as "
             "(e.g. --preset m2det512_vgg16, or build_model('m2det512_vgg16', weights=...))"
         )
@@ -156,9 +157,8 @@ def finetune_config(
         and not any(k in ("anchors", "anchors.steps") for k in overrides)
     ):
         overrides["anchors.steps"] = None
-    config = with_overrides(config, **overrides)
-    config.backbone.weights = None
-    return config
+    overrides["backbone.weights"] = None  # the checkpoint holds the backbone
+    return with_overrides(config, **overrides)
 
 
 @dataclass
@@ -257,7 +257,7 @@ def match_classes(
     explicit = {_norm(k): _norm(v) for k, v in (class_map or {}).items()}
     unknown = sorted(v for v in explicit.values() if v not in index)
     if unknown:
-        raise ValueError(f"class_map names checkpoint classes it does not have: {unknown}")
+        raise M2DetError(f"class_map names checkpoint classes it does not have: {unknown}")
     pairs = {}
     for label, name in enumerate(model_names, start=1):
         key = _norm(name)
@@ -336,7 +336,7 @@ def transfer_weights(
         taken[names[0]] = state[found[0]]
         used.update(found)
         if len(found) > 1 and any(not _same(state[n], state[found[0]]) for n in found[1:]):
-            raise ValueError(
+            raise FileFormatError(
                 f"{checkpoint.where}: holds different values for {_listed(found)}, which {name} shares as "
                 "one module; build the model with mlfpn.shared_leach=False / mlfpn.shared_sfam=False"
             )
@@ -371,7 +371,7 @@ def transfer_weights(
         why = "; ".join(differs) if differs else "its tensors do not fit"
         if theirs["MLFPN levels (TUMs)"] == 0:
             why += "; ImageNet weights of a backbone alone go to --backbone-weights"
-        raise ValueError(
+        raise FileFormatError(
             f"{checkpoint.where}: not a checkpoint of {name}'s architecture ({why}), so nothing was loaded: "
             + "; ".join(details)
             + ". Fine-tune a model built as the checkpoint was (the same backbone, MLFPN and anchors "

@@ -18,6 +18,7 @@ from torchvision.models import resnet101
 from torchvision.models.vgg import cfgs, make_layers
 
 from m2det.config import BackboneConfig
+from m2det.errors import ConfigError, FileFormatError
 from m2det.io.torchfile import load_state_dict_file
 
 
@@ -134,7 +135,7 @@ BACKBONES: dict[str, type[nn.Module]] = {"vgg16": VGG16Reduced, "resnet101": Res
 
 def backbone_class(name: str) -> type[nn.Module]:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
+        raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
     return BACKBONES[name]
 
 
@@ -163,7 +164,7 @@ def reduce_vgg_fc(
 ) -> dict[str, Tensor]:
     """torchvision VGG16's fc6 [4096, 25088] and fc7 [4096, 4096] -> conv6 [1024, 512, 3, 3], conv7 [1024, 1024, 1, 1]."""
     if tuple(fc6_weight.shape) != (4096, 512 * 7 * 7) or tuple(fc7_weight.shape) != (4096, 4096):
-        raise ValueError(
+        raise FileFormatError(
             f"fc6/fc7 of VGG16 must be [4096, 25088] and [4096, 4096], got {list(fc6_weight.shape)} "
             f"and {list(fc7_weight.shape)}"
         )
@@ -187,7 +188,7 @@ def infer_backbone_name(state: dict[str, Tensor]) -> str:
         return "tiny"
     if any(re.match(r"^(features\.)?\d+\.weight$", k) for k in keys):
         return "vgg16"
-    raise ValueError(
+    raise FileFormatError(
         "not the state dict of a backbone m2det knows: expected torchvision's VGG16 or ResNet-101 "
         f"(or the official vgg16_reducedfc.pth); first keys {sorted(keys)[:5]}"
     )
@@ -204,7 +205,7 @@ def convert_backbone_state(state: dict[str, Tensor], name: str) -> tuple[dict[st
     notes: list[str] = []
     if name == "vgg16":
         if any(k.endswith("running_mean") for k in state):
-            raise ValueError(
+            raise FileFormatError(
                 "this VGG16 has BatchNorm layers (torchvision's vgg16_bn?); M2Det's VGG16 (SSD's reduced "
                 "VGG16) has none: use torchvision's plain VGG16 weights or vgg16_reducedfc.pth"
             )
@@ -216,7 +217,7 @@ def convert_backbone_state(state: dict[str, Tensor], name: str) -> tuple[dict[st
         }
         if all(k in state for k in fc):
             if any(k in out for k in (f"features.{CONV6}.weight", f"features.{CONV7}.weight")):
-                raise ValueError(
+                raise FileFormatError(
                     "the file holds both fc6/fc7 (classifier.*) and conv6/conv7: which to use is unclear"
                 )
             out.update(reduce_vgg_fc(*(state[k] for k in fc)))
@@ -281,7 +282,7 @@ def load_backbone_state(
             "resnet101": "torchvision's ResNet-101 (not ResNet-50 or -152)",
             "tiny": "a file written from this tiny backbone",
         }[name]
-        raise ValueError(
+        raise FileFormatError(
             f"{where}: backbone weights do not fit {type(backbone).__name__} (expected {hint}); "
             + "; ".join(problems)
         )
