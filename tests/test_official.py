@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 import m2det
 from conftest import random_official_state_dict
 from m2det.cli.main import app
-from m2det.io.checkpoint import load_model
-from m2det.io.official import authors_key, build_official_model, official_key, official_layout
+from m2det.io.official import authors_key, official_key, official_layout
+from m2det.models.loading import build_official_model, load_model
 from official_reference import official_forward
 
 

@@ -35,7 +35,7 @@ def convert(
 ) -> None:
     """Convert an official checkpoint (loaded with weights_only=True) and verify it loads strictly."""
     from m2det.io.checkpoint import save_model
-    from m2det.io.official import build_official_model
+    from m2det.models.loading import build_official_model
 
     settings = parse_overrides(overrides)
     if num_classes is not None:

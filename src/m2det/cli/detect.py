@@ -112,7 +112,7 @@ def detect(
 
 def coco_category_ids(class_names: list[str]) -> list[int]:
     """COCO category id of each label (index label - 1): COCO's own ids for a COCO model, else the label."""
-    from m2det.data.names import COCO_CATEGORY_IDS, COCO_CLASSES
+    from m2det.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 
     if tuple(class_names) == COCO_CLASSES:
         return list(COCO_CATEGORY_IDS)

@@ -320,8 +320,8 @@ def _load(
 
 
 def _torch_model(settings: BenchSettings) -> Any:
-    from m2det.io.checkpoint import load_model
     from m2det.models import build_model
+    from m2det.models.loading import load_model
 
     path = Path(settings.model)
     if path.suffix == ".safetensors":

@@ -26,6 +26,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from m2det.classes import class_mismatch
 from m2det.device import usable_cores
 from m2det.engine import distributed
 from m2det.engine.callbacks import EMA, Callback, CloseMosaic, EarlyStopping
@@ -150,23 +151,17 @@ class Trainer:
         self._check_classes()
 
     def _check_classes(self) -> None:
+        """The model's classes must be the training data's; a model without names takes the data's."""
         config = self.model.config
         names = getattr(self.train_set, "class_names", None)
         if names is None:
             return
-        if config.num_classes != len(names) + 1:
-            raise ValueError(
-                f"the model has num_classes={config.num_classes} (background included) but the training "
-                f"data has {len(names)} classes {list(names)[:10]}: build the model with "
-                f"num_classes={len(names) + 1}"
-            )
+        own = config.class_names if config.class_names is not None else config.num_classes - 1
+        problem = class_mismatch(own, names, "the model", "the training data")
+        if problem:
+            raise ValueError(f"{problem}: build the model with num_classes={len(names) + 1} and those names")
         if config.class_names is None:
             config.class_names = list(names)
-        elif list(config.class_names) != list(names):
-            raise ValueError(
-                f"the model's class_names {config.class_names[:10]} differ from the training data's "
-                f"{list(names)[:10]}"
-            )
 
     # ----- the whole run -----
     def fit(

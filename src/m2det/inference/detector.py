@@ -174,7 +174,7 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
 
         return OnnxRuntimeM2Det(path)
     if path.suffix == ".safetensors":
-        from m2det.io.checkpoint import load_model
+        from m2det.models.loading import load_model
 
         model = load_model(path)
         if preset is not None and preset != model.config.name:
@@ -191,6 +191,6 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
         raise ValueError(
             f"{path}: an official checkpoint needs its preset (e.g. m2det512_vgg16) to know the architecture"
         )
-    from m2det.io.official import build_official_model
+    from m2det.models.loading import build_official_model
 
     return build_official_model(path, preset)
