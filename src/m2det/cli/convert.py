@@ -74,7 +74,8 @@ def convert_backbone(
     import torch
     from safetensors.torch import save_file
 
-    from m2det.io.torchfile import atomic_path, load_state_dict_file
+    from m2det.io.atomic import atomic_path
+    from m2det.io.torchfile import load_state_dict_file
     from m2det.models.backbones import (
         TinyBackbone,
         backbone_class,

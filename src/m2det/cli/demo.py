@@ -192,11 +192,10 @@ def draw_pictures(
     """
     import math
 
-    import cv2
     import torch
     import torch.nn.functional as F
 
-    from m2det.io.torchfile import atomic_path
+    from m2det.io.image import write_png
     from m2det.visualize import draw_detections
 
     names = list(dataset.class_names)
@@ -220,12 +219,7 @@ def draw_pictures(
                 class_names=names,
             )
             gap = torch.full((3, large.shape[1], 8), 255, dtype=torch.uint8)
-            rgb = torch.cat([truth, gap, detected], dim=2).permute(1, 2, 0).numpy()
-            ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-            if not ok:
-                raise RuntimeError(f"OpenCV could not encode picture {index}")
-            with atomic_path(out_dir / f"{index:03d}.png") as tmp:
-                tmp.write_bytes(encoded.tobytes())
+            write_png(out_dir / f"{index:03d}.png", torch.cat([truth, gap, detected], dim=2))
     return out_dir
 
 

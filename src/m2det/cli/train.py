@@ -97,8 +97,8 @@ def train(
         seed_everything,
     )
     from m2det.engine.train_config import TrainConfig
+    from m2det.io.atomic import atomic_path
     from m2det.io.checkpoint import read_config
-    from m2det.io.torchfile import atomic_path
     from m2det.models import build_model
 
     model_overrides, train_overrides = split_overrides(parse_overrides(overrides))

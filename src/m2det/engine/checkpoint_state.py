@@ -30,8 +30,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from m2det.io.atomic import remove_temporaries, write_bytes_atomic
 from m2det.io.checkpoint import read_metadata, save_model
-from m2det.io.torchfile import read_torch_file, remove_temporaries, write_bytes_atomic
+from m2det.io.torchfile import read_torch_file
 
 PathLike = Union[str, Path]
 

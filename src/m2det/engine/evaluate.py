@@ -26,8 +26,8 @@ from torch import Tensor
 from m2det.classes import class_mismatch
 from m2det.engine.voc_eval import mean_ap, voc_evaluate
 from m2det.inference.results import coco_results
+from m2det.io.atomic import atomic_path
 from m2det.io.jsonfile import finite_json, read_json, write_json
-from m2det.io.torchfile import atomic_path
 
 # The 12 numbers of COCOeval.summarize() for boxes, in its order.
 STAT_NAMES: tuple[str, ...] = (

@@ -40,10 +40,11 @@ from m2det.engine.checkpoint_state import (
     save_checkpoint,
 )
 from m2det.engine.finetune import parameter_groups, prepare_epoch
+from m2det.engine.plots import plot_loss_curve
 from m2det.engine.schedule import TimeBudget, build_scheduler
 from m2det.engine.train_config import TrainConfig
+from m2det.io.atomic import atomic_path
 from m2det.io.checkpoint import load_weights, save_model
-from m2det.io.torchfile import atomic_path
 from m2det.progress import progress_bar
 
 PathLike = Union[str, Path]
@@ -349,7 +350,7 @@ class TrainingRun:
             )
 
     def _loader(self) -> DataLoader:
-        from m2det.data import collate_fn
+        from m2det.data import build_loader
 
         config, info = self.config, self.info
         per_process = config.batch_size // info.world_size
@@ -364,12 +365,12 @@ class TrainingRun:
         )
         # Seeded again every epoch (see `_epoch`), so worker augmentation depends on (seed, epoch, rank) only.
         self.generator = torch.Generator()
-        loader = DataLoader(
+        loader = build_loader(
             self.train_set,
-            batch_size=per_process,
+            per_process,
+            shuffle=False,  # the sampler shuffles
             sampler=self.sampler,
             num_workers=config.workers,
-            collate_fn=collate_fn,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             generator=self.generator,
@@ -733,38 +734,3 @@ class TrainingRun:
                 except OSError:
                     if not failed:
                         raise
-
-
-def plot_loss_curve(results_csv: PathLike, path: PathLike) -> Path:
-    """Training loss terms per epoch and, where measured, validation AP50 and AP, as one PNG."""
-    from matplotlib.figure import Figure
-
-    with open(results_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    epochs = [int(r["epoch"]) for r in rows]
-    for key, style in (("loss", "-"), ("loss_box", "--"), ("loss_cls", ":")):
-        axes.plot(epochs, [float(r[key]) for r in rows], style, label=key)
-    measured = [r for r in rows if r.get("AP50")]
-    title = "Training loss and validation AP" if measured else "Training loss"
-    axes.set(xlabel="epoch", ylabel="training loss", title=title)
-    axes.grid(True, alpha=0.3)
-    handles, labels = axes.get_legend_handles_labels()
-    if measured:
-        right = axes.twinx()
-        for key, marker in (("AP50", "o-"), ("AP", "s-")):
-            right.plot(
-                [int(r["epoch"]) for r in measured],
-                [float(r[key]) for r in measured],
-                marker,
-                label=f"val {key}",
-            )
-        right.set(ylabel="validation AP", ylim=(0, 1))
-        more = right.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    axes.legend(handles, labels, loc="upper right", fontsize="small")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return path

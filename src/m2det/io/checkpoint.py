@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from m2det.config import ModelConfig
-from m2det.io.torchfile import shared_state_groups, write_bytes_atomic
+from m2det.io.atomic import write_bytes_atomic
+from m2det.io.torchfile import shared_state_groups
 
 FORMAT = "m2det"
 

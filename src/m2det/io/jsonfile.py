@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from m2det.io.torchfile import atomic_path, errors_name
+from m2det.io.atomic import atomic_path, errors_name
 
 
 def read_json(path: Union[str, Path], what: str = "file", error: type[Exception] = ValueError) -> Any:
