@@ -176,7 +176,6 @@ def _run_demo(run_dir: Path, settings: DemoSettings, device: str, progress: bool
         "pr_curve": files["pr_curve.png"],
         "loss_curve": run_dir / "loss_curve.png",
         "results": run_dir / "results.csv",
-        "tensorboard": run_dir / "tensorboard",
         "pictures": pictures,
         "summary": run_dir / "demo.json",
     }
@@ -268,6 +267,5 @@ def demo(
         ("pr_curve", "precision-recall curves"),
         ("loss_curve", "loss curve"),
         ("pictures", "ground truth (left) and detections (right)"),
-        ("tensorboard", "TensorBoard logs"),
     ):
         typer.echo(f"  {result.files[what]}  {label}")

@@ -3,7 +3,7 @@
 A run folder holds `last.safetensors` + its `last_state_*.pt` (written after every epoch, together
 they resume the run exactly; see `m2det.engine.checkpoint_state`), `best.safetensors` (best
 validation metric), optional `epoch_N.safetensors`, `results.csv` (one row per epoch),
-`tensorboard/` and `loss_curve.png`. Under DDP only rank 0 writes. A NaN or exploding loss stops
+`loss_curve.png` and, with `tensorboard` (an optional extra), `tensorboard/`. Under DDP only rank 0 writes. A NaN or exploding loss stops
 the run before the bad step is applied, and a failed write (a full disk) leaves the previous
 checkpoint, so the checkpoint of the last finished epoch stays the last good one.
 """
@@ -182,6 +182,19 @@ class Trainer:
                 distributed.cleanup()
 
 
+def tensorboard_writer_class() -> Any:
+    """TensorBoard's `SummaryWriter`, or an error saying how to install it (an optional extra: its
+    dependencies weigh ~50 MB and results.csv holds the epoch figures without it)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's module needs the tensorboard package
+        raise ValueError(
+            "train.tensorboard=true needs TensorBoard: pip install 'm2det[tensorboard]' "
+            "(or leave it off: results.csv and loss_curve.png hold the epoch figures)"
+        ) from None
+    return SummaryWriter
+
+
 class TrainingRun:
     """One `fit` call's state: the wrapped model, optimiser, scheduler, loader, writers and counters.
 
@@ -218,7 +231,8 @@ class TrainingRun:
         self.callbacks: list[Callback] = []
         self.budget: Optional[TimeBudget] = None  # `config.time_limit_min`, see `_build`
         self.spent = 0.0  # the fraction of the budget spent, as all processes agree (see `_train_step`)
-        self.writer: Any = None
+        self.writer: Any = None  # TensorBoard's, when asked for
+        self.logs_open = False
         self.bar: Any = None
 
     @property
@@ -386,8 +400,8 @@ class TrainingRun:
     def _open_logs(self, resumed: bool) -> None:
         if not self.info.is_main:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
+        # before any file is written, so that a missing extra stops the run with nothing to clean up
+        SummaryWriter = tensorboard_writer_class() if self.config.tensorboard else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_files(self.run_dir)
         if removed:
@@ -400,9 +414,11 @@ class TrainingRun:
             tmp.write_text(config_text)
         rows = [r for r in self._read_csv() if int(r["epoch"]) <= self.epoch] if resumed else []
         self._write_csv(rows)
-        self.writer = SummaryWriter(
-            str(self.run_dir / TENSORBOARD_DIR), purge_step=self.step if resumed else None
-        )
+        self.logs_open = True
+        if SummaryWriter is not None:
+            self.writer = SummaryWriter(
+                str(self.run_dir / TENSORBOARD_DIR), purge_step=self.step if resumed else None
+            )
 
     # ----- the loop -----
     def run(self, resume: bool, stop_at_epoch: Optional[int], time_limit_s: Optional[float]) -> TrainResult:
@@ -605,11 +621,12 @@ class TrainingRun:
             self._save(rng, row)
         except OSError as exc:
             raise self._save_failed(exc) from exc
-        self.writer.add_scalar("train/images_per_s", images_per_s, self.step)
-        for key in REPORTED_METRICS:
-            if key in evaluated:
-                self.writer.add_scalar(f"val/{key}", evaluated[key], self.step)
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.add_scalar("train/images_per_s", images_per_s, self.step)
+            for key in REPORTED_METRICS:
+                if key in evaluated:
+                    self.writer.add_scalar(f"val/{key}", evaluated[key], self.step)
+            self.writer.flush()
         text = (
             f"{self._epoch_label(self.epoch)}  loss {means['loss']:.4f} (box {means['loss_box']:.4f}, "
             f"cls {means['loss_cls']:.4f})  lr {lr:.2e}  {images_per_s:.1f} img/s  {seconds:.0f} s"
@@ -683,7 +700,7 @@ class TrainingRun:
             return
         loss, box, cls = (losses[k] for k in LOSS_TERMS)
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.step % self.config.log_every == 0:
+        if self.writer is not None and self.step % self.config.log_every == 0:
             for name, value in (("loss", loss), ("loss_box", box), ("loss_cls", cls), ("lr", lr)):
                 self.writer.add_scalar(f"train/{name}", value, self.step)
         if self.bar is not None:
@@ -725,9 +742,11 @@ class TrainingRun:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.logs_open:
+            self.logs_open = False
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
             if (self.run_dir / RESULTS_CSV).is_file():
                 try:
                     plot_loss_curve(self.run_dir / RESULTS_CSV, self.run_dir / LOSS_CURVE)
