@@ -147,7 +147,7 @@ def first_time_reaching(points: list[dict[str, Any]], target: float) -> Optional
 def plot(arms: list[Arm], path: Path, pretrain_seconds: Optional[float], budget: float) -> None:
     from matplotlib.figure import Figure
 
-    from m2det.io.torchfile import atomic_path
+    from m2det.io.atomic import atomic_path
 
     figure = Figure(figsize=(7.5, 4.8), dpi=100, layout="constrained")
     axes = figure.add_subplot()

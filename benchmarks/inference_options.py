@@ -22,8 +22,9 @@ import torch
 
 import m2det
 from m2det.deploy import optimize_for_inference
-from m2det.engine.bench import Stopwatch, reference_conv
+from m2det.engine.bench import reference_conv
 from m2det.models.complexity import measure
+from m2det.utils.timing import Stopwatch
 
 
 def main() -> None:

@@ -30,9 +30,9 @@ from m2det.deploy import optimize_for_inference
 from m2det.deploy.export import export_onnx
 from m2det.deploy.onnx_backend import OnnxRuntimeM2Det
 from m2det.deploy.quantize import CALIBRATION_METHODS, calibration_reader, quantize_onnx, report_dict
-from m2det.engine.bench import Stopwatch
 from m2det.engine.evaluate import evaluate
-from m2det.io.checkpoint import load_model
+from m2det.models.loading import load_model
+from m2det.utils.timing import Stopwatch
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
 

@@ -10,8 +10,6 @@ the boxes clustered around a few dozen objects as a trained detector's are, then
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections import Counter
 
 import torch
@@ -20,6 +18,7 @@ from torchvision.ops import box_convert, box_iou
 import m2det
 from m2det.boxes.coder import BoxCoder
 from m2det.boxes.postprocess import PAPER, PostProcessor
+from m2det.utils.timing import Stopwatch
 
 NUM_CLASSES = 81
 INPUT_SIZE = 512
@@ -77,16 +76,6 @@ def synthesize(
     return loc[None], logits[None]
 
 
-def time_call(fn, repeat: int) -> float:
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,8 +118,14 @@ def measure(
     found = post.candidates(*post.decode(loc, logits, anchors, sizes))
     if found.scores.numel() != expected:
         raise RuntimeError(f"{found.scores.numel()} candidates, expected {expected}")
-    total = time_call(lambda: post(loc, logits, anchors, sizes), repeat)
-    filtering = time_call(lambda: post.candidates(*post.decode(loc, logits, anchors, sizes)), repeat)
+    stopwatch = Stopwatch(torch.device("cpu"))
+    total = stopwatch.repeat(lambda: post(loc, logits, anchors, sizes), 1, repeat).median_ms / 1e3
+    filtering = (
+        stopwatch.repeat(
+            lambda: post.candidates(*post.decode(loc, logits, anchors, sizes)), 1, repeat
+        ).median_ms
+        / 1e3
+    )
     return total, filtering, len(post(loc, logits, anchors, sizes)[0]["scores"])
 
 

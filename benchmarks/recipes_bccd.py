@@ -352,13 +352,12 @@ def check_yolo_labels(args: argparse.Namespace, root: Path, entries: list[dict[s
     """The test labels read back as the peer's predictions are (pixels of the image, category id =
     class + 1, the image ids of `entries`) and scored by `m2det eval --detections`: anything but AP
     ~1 means the conversion would score the peer in another frame, and stops the benchmark."""
-    from PIL import Image
+    from m2det.io.image import image_size
 
     detections = []
     for entry in entries:
         image = Path(entry["file"])
-        with Image.open(image) as im:
-            width, height = im.size
+        width, height = image_size(image)  # upright, as the data sets read it
         for line in (root / "labels" / args.test_split / (image.stem + ".txt")).read_text().splitlines():
             cls, cx, cy, w, h = line.split()
             x, y = (float(cx) - float(w) / 2) * width, (float(cy) - float(h) / 2) * height

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from m2det.config import get_config
-from m2det.data import build_dataset, collate_fn
+from m2det.data import build_dataset, build_loader
 from m2det.engine.evaluate import evaluate
 from m2det.engine.train import Trainer, cpu_threads, seed_everything
 from m2det.engine.train_config import TrainConfig
@@ -33,7 +33,7 @@ def seconds_per_image(model: torch.nn.Module, dataset, batch_size: int, steps: i
     import copy
 
     probe = copy.deepcopy(model).train()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn)
+    loader = build_loader(dataset, batch_size, shuffle=True)
     batches = iter(loader)
     elapsed = 0.0
     for step in range(steps + 1):

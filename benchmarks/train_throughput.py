@@ -9,14 +9,13 @@ Random images with a few random boxes, so the figure is the network's and the lo
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from m2det.device import resolve_device
 from m2det.engine.train_config import TrainConfig
 from m2det.models import build_model
+from m2det.utils.timing import Stopwatch
 
 
 def random_batch(batch_size: int, size: int, num_classes: int, gen: torch.Generator) -> tuple[list, list]:
@@ -60,11 +59,7 @@ def main() -> None:
     images = [image.to(device) for image in images]
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 
-    times = []
-    for step in range(args.steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def step() -> None:
         with torch.autocast(device.type, enabled=use_amp):
             losses = model(images, targets)
         loss = losses["loss_box"] + losses["loss_cls"]
@@ -72,17 +67,16 @@ def main() -> None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step:  # the first step pays one-off allocation and kernel selection
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+
+    # one untimed warm-up step: the first pays one-off allocation and kernel selection
+    timing = Stopwatch(device).repeat(step, warmup=1, repeats=args.steps)
+    median = timing.median_ms / 1e3
     print(
         f"{args.model} training, batch {args.batch_size}, input {model.config.input_size}, {device}, "
         f"{torch.get_num_threads()} threads{', AMP' if use_amp else ''}"
     )
     print(
-        f"  {median:.2f} s/step median over {len(times)} steps (min {min(times):.2f}, max {max(times):.2f})"
+        f"  {median:.2f} s/step median over {timing.runs} steps (min {timing.min_ms / 1e3:.2f}, max {timing.max_ms / 1e3:.2f})"
     )
     print(f"  {args.batch_size / median:.2f} images/s")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,9 +12,12 @@ from typer.testing import CliRunner
 
 import m2det
 from m2det.boxes.coder import BoxCoder
+from m2det.boxes.synthesize import synthesize_predictions
 from m2det.cli.main import app
-from m2det.engine.bench import BenchSettings, PeakMemory, Timing, run_bench, synthesize_predictions
+from m2det.engine.bench import BenchSettings, run_bench
 from m2det.models.complexity import measure
+from m2det.utils.memory import PeakMemory
+from m2det.utils.timing import Timing
 
 TOP_LEVEL = {
     "model", "config_name", "input_size", "num_classes", "device", "backend", "backend_info", "precision",
@@ -110,6 +114,22 @@ def test_timing_summary():
         5,
     )
     assert t.p25_ms == pytest.approx(2.0) and t.p75_ms == pytest.approx(4.0)
+    one = Timing.of([0.002])  # a single run: every statistic is that run
+    assert (one.median_ms, one.p25_ms, one.p75_ms, one.min_ms, one.max_ms, one.runs) == (
+        pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0), 1,
+    )  # fmt: skip
+
+
+def test_run_bench_restores_the_thread_count():
+    """torch's thread count is process-wide: a bench run with `threads` must not leave it changed."""
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    settings = BenchSettings(model="m2det_tiny", num_classes=4, batch_sizes=(1,), warmup=0, repeats=1)
+    result = run_bench(replace(settings, threads=other, reference=False))
+    assert result["threads"] == other and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="preset name"):  # fails after the threads were set
+        run_bench(replace(settings, model="weights.pth", threads=other))
+    assert torch.get_num_threads() == before
 
 
 def test_peak_memory_sees_a_large_allocation():

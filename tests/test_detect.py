@@ -19,10 +19,10 @@ import m2det
 from m2det.boxes.postprocess import PAPER
 from m2det.cli.common import next_run_dir
 from m2det.cli.main import app
-from m2det.inference.detector import to_rgb_tensor
 from m2det.inference.multiscale import mirror_boxes
 from m2det.inference.sources import resolve_source
 from m2det.io import jsonfile
+from m2det.io.image import to_rgb_tensor
 from m2det.io.jsonfile import read_json_lines
 from m2det.visualize import class_color, draw_detections, label_text
 

@@ -612,7 +612,7 @@ def test_evaluate_resized_images_give_boxes_in_original_pixels(bccd_root, tiny_w
     from torchvision.transforms import v2
 
     from m2det.data import build_dataset
-    from m2det.io.checkpoint import load_model
+    from m2det.models.loading import load_model
 
     model = load_model(tiny_weights).train()
     frozen = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 import m2det
 from conftest import random_official_state_dict
+from m2det.classes import COCO_CLASSES
 from m2det.cli.main import app
-from m2det.data.names import COCO_CLASSES
 from m2det.engine.finetune import parameter_groups
 from m2det.engine.schedule import build_scheduler
 from m2det.engine.train import LAST_MODEL, Trainer

@@ -26,7 +26,6 @@ from image_helpers import (
 from m2det.cli.main import app
 from m2det.data import DatasetError, build_dataset
 from m2det.engine.evaluate import evaluate
-from m2det.inference.detector import to_rgb_tensor
 from m2det.io.image import (
     ALPHA_BACKGROUND,
     CorruptImage,
@@ -35,6 +34,7 @@ from m2det.io.image import (
     decode_image,
     image_size,
     read_image,
+    to_rgb_tensor,
 )
 
 TINY = "m2det_tiny"

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 import m2det
 from conftest import random_official_state_dict
 from m2det.cli.main import app
-from m2det.io.checkpoint import load_model
-from m2det.io.official import authors_key, build_official_model, official_key, official_layout
+from m2det.io.official import authors_key, official_key, official_layout
+from m2det.models.loading import build_official_model, load_model
 from official_reference import official_forward
 
 
@@ -280,3 +280,33 @@ def test_convert_cli_reports_bad_file(tmp_path):
     )
     assert result.exit_code == 2
     assert f"error: {bad}: not a PyTorch file" in " ".join(result.output.split())
+
+
+def test_resnet101_official_values_land_in_the_right_parameters(official_resnet):
+    """The mapping checked by value, with our names written out by hand (not through `official_key`):
+    a renaming bug that is consistent in both directions would pass a round trip, not this."""
+    model = m2det.build_model("m2det320_resnet101")
+    m2det.load_official(model, official_resnet)
+    ours = {
+        "base.conv1.weight": model.backbone.conv1.weight,
+        "base.bn1.running_mean": model.backbone.bn1.running_mean,
+        "base.layer1.0.downsample.0.weight": model.backbone.layer1[0].downsample[0].weight,
+        "base.layer3.22.conv2.weight": model.backbone.layer3[22].conv2.weight,
+        "base.layer4.2.bn3.running_var": model.backbone.layer4[2].bn3.running_var,
+        "reduce.conv.weight": model.mlfpn.ffm1.reduce.conv.weight,
+        "up_reduce.bn.bias": model.mlfpn.ffm1.up_reduce.bn.bias,
+        "leach.0.conv.weight": model.mlfpn.leach[0].conv.weight,
+        "unet1.layers.0.conv.weight": model.mlfpn.tums[0].encoder[0].conv.weight,
+        "unet1.latlayer.0.conv.weight": model.mlfpn.tums[0].lateral[0].conv.weight,
+        "unet1.smooth.0.conv.weight": model.mlfpn.tums[0].smooth[0].conv.weight,
+        "unet8.toplayer.0.conv.weight": model.mlfpn.tums[7].top.conv.weight,
+        "Norm.weight": model.mlfpn.norm.weight,
+        "loc.0.weight": model.head.loc[0].weight,
+        "conf.5.bias": model.head.conf[5].bias,
+    }
+    for key, parameter in ours.items():
+        assert torch.equal(parameter.detach(), official_resnet[key]), key
+    # distinct random tensors, so an equality above cannot hold by accident between two keys
+    assert not torch.equal(
+        official_resnet["unet1.smooth.0.conv.weight"], official_resnet["unet2.smooth.0.conv.weight"]
+    )

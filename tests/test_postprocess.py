@@ -353,3 +353,32 @@ def test_per_image_cap_exact_or_keeping_ties():
     assert exact["scores"].tolist() == pytest.approx([0.9, 0.8]) and exact["labels"].tolist() == [3, 2]
     (ties,) = PostProcessor(BoxCoder(), OFFICIAL.replace(max_per_image=2)).suppress(found, 1)
     assert ties["scores"].tolist() == pytest.approx([0.9, 0.8, 0.8, 0.8])
+
+
+def test_pre_nms_top_k_keeps_the_best_k_per_class_and_image_before_nms():
+    """Worked by hand. Image 0, class 1: A 0.9 and B 0.8 overlap (IoU 0.9), C 0.7 and D 0.5 stand
+    apart; class 2: E 0.6 alone. Image 1, class 1: three disjoint boxes 0.3, 0.2, 0.1.
+    With top-2 before NMS, class 1 of image 0 keeps A and B, and NMS then drops B: only A remains
+    (top-2 after NMS would have kept A and C). Image 1 keeps its two best, 0.3 and 0.2."""
+    boxes = torch.tensor(
+        [
+            [0.0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30], [40, 40, 50, 50],  # A B C D
+            [60, 60, 70, 70],  # E
+            [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50],  # image 1
+        ]
+    )  # fmt: skip
+    found = Candidates(
+        image_index=torch.tensor([0, 0, 0, 0, 0, 1, 1, 1]),
+        boxes=boxes,
+        scores=torch.tensor([0.9, 0.8, 0.7, 0.5, 0.6, 0.1, 0.3, 0.2]),
+        labels=torch.tensor([1, 1, 1, 1, 2, 1, 1, 1]),
+    )
+    plain = PostprocessSettings(nms="hard", iou_threshold=0.45, max_per_class=None, max_per_image=None)
+    every = PostProcessor(BoxCoder(), plain).suppress(found, 2)
+    assert every[0]["scores"].tolist() == pytest.approx([0.9, 0.7, 0.6, 0.5])  # NMS alone drops B
+    top2 = PostProcessor(BoxCoder(), plain.replace(pre_nms_top_k=2)).suppress(found, 2)
+    assert top2[0]["scores"].tolist() == pytest.approx([0.9, 0.6])
+    assert top2[0]["labels"].tolist() == [1, 2]
+    assert torch.equal(top2[0]["boxes"], boxes[[0, 4]])
+    assert top2[1]["scores"].tolist() == pytest.approx([0.3, 0.2])
+    assert torch.equal(top2[1]["boxes"], boxes[[6, 7]])

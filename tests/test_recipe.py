@@ -325,7 +325,14 @@ def test_the_paper_preset_is_the_paper_and_the_field_defaults():
         "sync_bn",
         "loss_limit",
     }
-    operational |= {"log_every", "freeze_bn", "freeze_backbone_epochs", "freeze_backbone_bn", "lr_mults"}
+    operational |= {
+        "log_every",
+        "tensorboard",
+        "freeze_bn",
+        "freeze_backbone_epochs",
+        "freeze_backbone_bn",
+        "lr_mults",
+    }
     operational |= {"patience", "time_limit_min", "ema_decay", "ema_tau", "atss_topk", "close_mosaic"}
     assert set(PAPER_RECIPE) | operational == {f.name for f in dataclasses.fields(TrainConfig)}
     # every preset starts from the paper's recipe, whatever the field defaults

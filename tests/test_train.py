@@ -23,8 +23,8 @@ from m2det.engine.checkpoint_state import LAST_MODEL, LEGACY_STATE, load_checkpo
 from m2det.engine.schedule import LRSchedule, build_scheduler
 from m2det.engine.train import Trainer, TrainingDiverged
 from m2det.engine.train_config import TrainConfig, get_train_config
+from m2det.io.atomic import atomic_path, is_temporary
 from m2det.io.checkpoint import load_weights, read_config, read_metadata
-from m2det.io.torchfile import atomic_path, is_temporary
 from train_helpers import ToyBoxes, tiny_cli_data, tiny_model, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,8 +202,8 @@ def test_run_folder_contents_and_loss_curve(tmp_path):
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {LAST_MODEL, load_checkpoint(tmp_path / "run").state_path.name} <= names
     assert {"epoch_001.safetensors", "epoch_002.safetensors"} <= names
-    assert {"results.csv", "config.yaml", "loss_curve.png", "tensorboard"} <= names
-    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert {"results.csv", "config.yaml", "loss_curve.png"} <= names
+    assert "tensorboard" not in names  # an optional extra, off unless asked for
     assert result.images_per_second > 0 and math.isfinite(result.images_per_second)
     # the run's files name the data's classes; the caller's model config is left as it was given
     assert read_config(tmp_path / "run" / LAST_MODEL).class_names == ToyBoxes.class_names
@@ -220,6 +220,22 @@ def test_the_trainer_logs_its_lines(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "m2det.train"]
     assert [line.split("  ")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"]
     assert lines[-1].startswith("done: 2 epochs in ")
+
+
+def test_tensorboard_when_asked_for(tmp_path):
+    pytest.importorskip("tensorboard")
+    Trainer(tiny_model(), _config(epochs=1, tensorboard=True), ToyBoxes(4), run_dir=tmp_path / "run",
+            device="cpu", progress=False).fit()  # fmt: skip
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_tensorboard_asked_for_but_missing_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    trainer = Trainer(tiny_model(), _config(epochs=1, tensorboard=True), ToyBoxes(4), run_dir=tmp_path / "run",
+                      device="cpu", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"pip install 'm2det\[tensorboard\]'"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "results.csv").exists()  # stopped before writing anything
 
 
 def test_progress_bar_in_a_log_file_stays_sparse(tmp_path, monkeypatch):
@@ -385,12 +401,13 @@ def test_a_run_removes_what_a_killed_run_left_and_nothing_else(tmp_path, three_e
     others = ["notes.tmp", ".hidden.tmp", "keep.ab12cd34.tmp", ".x.ab12cd3.tmp", "last_state_002.pt.bak"]
     for name in ours + others:
         (run / name).write_bytes(b"left over")
-    (run / "tensorboard" / ".x.ab12cd34.tmp").write_bytes(b"another folder")
+    (run / "subfolder").mkdir()
+    (run / "subfolder" / ".x.ab12cd34.tmp").write_bytes(b"another folder")
     (run / ".folder.ab12cd34.tmp").mkdir()
     _fit(run, resume=True, stop_at_epoch=2)
     names = {p.name for p in run.iterdir()}
     assert not names & set(ours) and set(others) | {".folder.ab12cd34.tmp"} <= names
-    assert (run / "tensorboard" / ".x.ab12cd34.tmp").is_file()
+    assert (run / "subfolder" / ".x.ab12cd34.tmp").is_file()
 
 
 def test_a_run_folder_from_before_state_files_were_named_still_resumes(tmp_path, three_epochs):
@@ -423,7 +440,7 @@ def test_train_cli_end_to_end(tmp_path):
     data, config = tiny_cli_data(tmp_path, "train:\n  preset: paper\n  batch_size: 4\n  workers: 0\n")
     args = ["train", "--data", str(data.train.annotations), "--val-data", str(data.val.annotations)]
     args += ["--config", str(config), "--set", "train.epochs=1", "--set", "lr=1e-2", "--device", "cpu"]
-    args += ["--project", str(tmp_path / "runs"), "--quiet"]
+    args += ["--project", str(tmp_path / "runs"), "--quiet", "--set", "train.tensorboard=true"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "exp1"

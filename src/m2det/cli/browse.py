@@ -36,10 +36,9 @@ def browse_data(
 ) -> None:
     """Write NUM samples as PNG with boxes and class names drawn, and print where they are."""
     import torch
-    from PIL import Image
 
     from m2det.data import build_dataset, build_eval_transform, build_train_transform
-    from m2det.io.torchfile import atomic_path
+    from m2det.io.image import write_png
     from m2det.visualize import draw_detections
 
     transform = build_train_transform(size) if augment else build_eval_transform(size)
@@ -62,7 +61,6 @@ def browse_data(
             class_names=dataset.class_names,
         )
         path = out / f"{k:02d}_{dataset.image_info(index).path.stem}.png"
-        with atomic_path(path) as tmp:
-            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        write_png(path, drawn)
         written.append(path)
     typer.echo(f"wrote {len(written)} sample(s) of {size}x{size} to {out.resolve()}")

@@ -36,7 +36,7 @@ def convert(
 ) -> None:
     """Convert an official checkpoint (loaded with weights_only=True) and verify it loads strictly."""
     from m2det.io.checkpoint import save_model
-    from m2det.io.official import build_official_model
+    from m2det.models.loading import build_official_model
 
     settings = parse_overrides(overrides)
     if num_classes is not None:
@@ -75,7 +75,8 @@ def convert_backbone(
     import torch
     from safetensors.torch import save_file
 
-    from m2det.io.torchfile import atomic_path, load_state_dict_file
+    from m2det.io.atomic import atomic_path
+    from m2det.io.torchfile import load_state_dict_file
     from m2det.models.backbones import (
         TinyBackbone,
         backbone_class,

@@ -58,6 +58,5 @@ def demo(
         ("pr_curve", "precision-recall curves"),
         ("loss_curve", "loss curve"),
         ("pictures", "ground truth (left) and detections (right)"),
-        ("tensorboard", "TensorBoard logs"),
     ):
         typer.echo(f"  {result.files[what]}  {label}")

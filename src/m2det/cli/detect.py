@@ -113,7 +113,7 @@ def detect(
 
 def coco_category_ids(class_names: list[str]) -> list[int]:
     """COCO category id of each label (index label - 1): COCO's own ids for a COCO model, else the label."""
-    from m2det.data.names import COCO_CATEGORY_IDS, COCO_CLASSES
+    from m2det.classes import COCO_CATEGORY_IDS, COCO_CLASSES
 
     if tuple(class_names) == COCO_CLASSES:
         return list(COCO_CATEGORY_IDS)
@@ -261,7 +261,7 @@ class DetectRun:
     def _rgb(images: list[Any]) -> list[Any]:
         """Images (RGB CHW already) and video frames (OpenCV's BGR HWC) as the RGB CHW tensors that
         both detection and drawing take."""
-        from m2det.inference.detector import to_rgb_tensor
+        from m2det.io.image import to_rgb_tensor
 
         return [to_rgb_tensor(image) for image in images]
 
@@ -298,7 +298,7 @@ class DetectRun:
     def _write_image(self, source: str, bgr: Any) -> None:
         import cv2
 
-        from m2det.io.torchfile import atomic_path
+        from m2det.io.atomic import atomic_path
 
         target = self._output_path(Path(source).name)
         ok, encoded = cv2.imencode(target.suffix, bgr)

@@ -107,8 +107,8 @@ def train(
         seed_everything,
     )
     from m2det.engine.train_config import TrainConfig
+    from m2det.io.atomic import atomic_path
     from m2det.io.checkpoint import read_config
-    from m2det.io.torchfile import atomic_path
     from m2det.models import build_model
     from m2det.progress import show_logs
 
@@ -312,6 +312,7 @@ def load_configs(
 
 def build_datasets(data_args: dict[str, Any], model_config: Any, train_config: Any) -> tuple[Any, Any]:
     """The training set (augmented to the input size) and the validation set (original images)."""
+    from m2det.classes import class_mismatch
     from m2det.data import build_dataset
 
     train_set = build_dataset(
@@ -322,10 +323,11 @@ def build_datasets(data_args: dict[str, Any], model_config: Any, train_config: A
     val_set = build_dataset(
         data_args["val_data"] or data_args["data"], data_args["val_split"], keep_ignored=True
     )
-    if list(val_set.class_names) != list(train_set.class_names):
-        raise M2DetError(
-            f"validation classes {val_set.class_names[:10]} differ from training classes {train_set.class_names[:10]}"
-        )
+    problem = class_mismatch(
+        val_set.class_names, train_set.class_names, "the validation data", "the training data"
+    )
+    if problem:
+        raise M2DetError(problem)
     return train_set, val_set
 
 

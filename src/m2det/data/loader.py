@@ -11,11 +11,11 @@ same base seed, for any user transform that draws from them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def collate_fn(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[Tensor, list[dict[str, Any]]]:
@@ -38,15 +38,25 @@ def build_loader(
     num_workers: int = 0,
     seed: int = 0,
     drop_last: bool = False,
+    sampler: Optional[Sampler] = None,
+    generator: Optional[torch.Generator] = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader with `collate_fn` whose order and augmentation repeat under `seed`."""
+    """A DataLoader with `collate_fn` whose order and augmentation repeat under `seed`.
+
+    The one loader of training and benchmarks alike. `sampler` (e.g. a `DistributedSampler`) decides
+    the order instead of `shuffle`; `generator` replaces the one seeded with `seed`, for a caller
+    that reseeds it itself (the trainer, every epoch).
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator if generator is not None else torch.Generator().manual_seed(seed),
         drop_last=drop_last,
+        pin_memory=pin_memory,
         persistent_workers=False,
     )

@@ -35,7 +35,7 @@ from torchvision.ops import nms
 
 from m2det.deploy.fuse import fold_batchnorms
 from m2det.errors import ConfigError, FileFormatError
-from m2det.io.torchfile import atomic_path
+from m2det.io.atomic import atomic_path
 from m2det.models.m2det import M2Det
 
 FORMAT = "m2det-export/1"

@@ -27,7 +27,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from m2det.deploy.export import INPUT_NAME
 from m2det.errors import ConfigError, M2DetError
-from m2det.io.torchfile import atomic_path
+from m2det.io.atomic import atomic_path
 
 # Ops quantised (when their neighbours allow): the convolutions carry the work, the rest lets
 # int8 tensors flow between convolutions without a round trip through float.

@@ -8,39 +8,34 @@ the same batch, threads, dtype and memory format; its runs are interleaved with 
 so both see the same machine load (with ONNX Runtime, the reference runs just before the network
 instead, as two thread pools interleaved on few cores slow each other). Post-processing runs on a realistic load: predictions
 synthesised so that a stated number of (anchor, class) scores pass the threshold, clustered
-around objects as a trained detector's are (or, on request, the network's own output).
+around objects as a trained detector's are (`m2det.boxes.synthesize`; or, on request, the network's
+own output). The stopwatch is `m2det.utils.timing`'s, the memory probe `m2det.utils.memory`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import math
 import os
 import platform
-import resource
-import statistics
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert, box_iou
 
-from m2det.boxes.coder import BoxCoder
+from m2det.boxes.synthesize import synthesize_predictions
 from m2det.device import resolve_device
 from m2det.errors import M2DetError
+from m2det.utils.memory import PeakMemory
+from m2det.utils.timing import Stopwatch
 
 BACKENDS = ("pytorch", "onnxruntime")
 REFERENCE_CONV = {"in_channels": 256, "out_channels": 256, "kernel": 3, "size": 40}
 # Pause between the timing blocks of two runtimes, long enough for a thread pool to stop spinning.
 SETTLE_S = 1.0
-BACKGROUND_LOGIT = 0.0
-SUPPRESSED_LOGIT = -12.0  # a foreground logit whose probability stays far below any threshold
 
 
 @dataclass
@@ -77,135 +72,6 @@ class BenchSettings:
     seed: int = 0
 
 
-@dataclass
-class Timing:
-    """Wall-clock times of repeated runs, in milliseconds."""
-
-    median_ms: float
-    p25_ms: float
-    p75_ms: float
-    min_ms: float
-    max_ms: float
-    runs: int
-
-    @classmethod
-    def of(cls, seconds: Sequence[float]) -> Timing:
-        ms = sorted(s * 1e3 for s in seconds)
-        quartiles = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
-        return cls(statistics.median(ms), quartiles[0], quartiles[2], ms[0], ms[-1], len(ms))
-
-
-class Stopwatch:
-    """Times a callable, synchronising CUDA so the GPU's work is inside the interval."""
-
-    def __init__(self, device: torch.device):
-        self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def __call__(self, fn: Callable[[], Any]) -> float:
-        self.sync()
-        start = time.perf_counter()
-        fn()
-        self.sync()
-        return time.perf_counter() - start
-
-    def repeat(self, fn: Callable[[], Any], warmup: int, repeats: int) -> Timing:
-        for _ in range(warmup):
-            fn()
-        return Timing.of([self(fn) for _ in range(repeats)])
-
-    def interleaved(
-        self, fns: dict[str, Callable[[], Any]], repeats: int, calls: Optional[dict[str, int]] = None
-    ) -> dict[str, Timing]:
-        """Each callable once per round for `repeats` rounds, so that a change in the machine's load
-        hits all alike; `calls[name]` runs a short one that many times per round (its time is per call)."""
-        calls = calls or {}
-        seconds: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                n = calls.get(name, 1)
-                seconds[name].append(self(lambda fn=fn, n=n: [fn() for _ in range(n)]) / n)
-        return {name: Timing.of(values) for name, values in seconds.items()}
-
-
-# ----- peak memory -----
-class PeakMemory:
-    """Peak memory of what runs between `reset()` and `peak_mb()`, above the memory in use at `reset()`.
-
-    CUDA: `torch.cuda.max_memory_allocated` (tensors only, the allocator's cache excluded).
-    CPU on Linux: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs);
-    `reset()` first hands the C allocator's free memory back to the system (glibc `malloc_trim`),
-    else memory freed earlier (e.g. by the previous batch size) would be reused unseen.
-    Elsewhere: `getrusage` ru_maxrss, a peak over the process's whole life (a lower bound).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._trim = _malloc_trim()
-        self.resettable = device.type == "cpu" and _can_reset_peak_rss()
-        if device.type == "cuda":
-            self.method = "torch.cuda.max_memory_allocated minus the memory allocated before the runs"
-        elif self.resettable:
-            self.method = (
-                "peak resident set size during the runs (Linux VmHWM, reset via /proc/self/clear_refs) minus the "
-                "resident set just before them"
-                + (", after glibc malloc_trim(0) returned freed memory to the system" if self._trim else "")
-            )
-        else:
-            self.method = (
-                "getrusage ru_maxrss (peak over the process's life, a lower bound) minus the resident set"
-            )
-        self.baseline_mb = 0.0
-
-    def _current_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device) / 2**20
-        return _proc_status_mb("VmRSS") if self.resettable else _maxrss_mb()
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self._trim is not None:
-            self._trim(0)
-        self.baseline_mb = self._current_mb()
-        if self.resettable:
-            Path("/proc/self/clear_refs").write_text("5")
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline_mb
-        peak = _proc_status_mb("VmHWM") if self.resettable else _maxrss_mb()
-        return peak - self.baseline_mb
-
-
-def _malloc_trim() -> Optional[Callable[[int], int]]:
-    if platform.system() != "Linux":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return None
-
-
-def _can_reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _proc_status_mb("VmHWM") > 0
-    except OSError:
-        return False
-
-
-def _proc_status_mb(field_name: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise OSError(f"/proc/self/status has no {field_name}")
-
-
-def _maxrss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024  # bytes on macOS, kB on Linux
-
-
 # ----- the reference convolution -----
 def reference_conv(
     batch: int, device: torch.device, dtype: Optional[torch.dtype], channels_last: bool
@@ -227,54 +93,6 @@ def reference_conv(
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-# ----- a realistic post-processing load -----
-def synthesize_predictions(
-    anchors: Tensor,
-    num_classes: int,
-    num_above: int,
-    score_threshold: float,
-    box_coder: BoxCoder,
-    anchors_per_object: int = 25,
-    seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """`(loc [1, A, 4], logits [1, A, C])` in which exactly `num_above` (anchor, class) pairs score
-    above `score_threshold`, as a trained detector's output looks: the anchors that overlap a few
-    random objects most each predict that object's box (jittered) and class; every other score is
-    far below the threshold."""
-    num_anchors = anchors.shape[0]
-    if not 0 <= num_above <= num_anchors:
-        raise M2DetError(
-            f"boxes above the threshold must be in [0, {num_anchors}] (the anchors), got {num_above}"
-        )
-    g = torch.Generator().manual_seed(seed)
-    num_objects = max(1, math.ceil(num_above / anchors_per_object))
-    centres = 0.1 + 0.8 * torch.rand(num_objects, 2, generator=g)
-    sides = 0.05 + 0.35 * torch.rand(num_objects, 2, generator=g)
-    objects = torch.cat([centres - sides / 2, centres + sides / 2], dim=1).clamp(0, 1)
-    labels = torch.randint(1, num_classes, (num_objects,), generator=g)
-    best_iou, best_object = box_iou(objects, box_convert(anchors, "cxcywh", "xyxy")).max(dim=0)
-    chosen = best_iou.topk(num_above).indices
-    owner = best_object[chosen]
-
-    logits = torch.full((num_anchors, num_classes), SUPPRESSED_LOGIT)
-    logits[:, 0] = BACKGROUND_LOGIT
-    # a probability p for the owner's class, with background at 0 and the rest suppressed, needs
-    # the logit log(p * rest / (1 - p)), rest = the other classes' exp-sum
-    p = score_threshold + 0.01 + (0.95 - score_threshold - 0.01) * torch.rand(num_above, generator=g)
-    rest = math.exp(BACKGROUND_LOGIT) + (num_classes - 2) * math.exp(SUPPRESSED_LOGIT)
-    logits[chosen, labels[owner]] = torch.log(p * rest / (1 - p))
-
-    loc = torch.zeros(num_anchors, 4)
-    jitter = 0.02 * torch.randn(num_above, 4, generator=g)
-    targets = (objects[owner] + jitter).clamp(0, 1)
-    targets = torch.cat([targets[:, :2], torch.maximum(targets[:, 2:], targets[:, :2] + 0.01)], dim=1)
-    loc[chosen] = box_coder.encode(targets, anchors[chosen])
-    found = int((logits.softmax(-1)[:, 1:] > score_threshold).sum())
-    if found != num_above:
-        raise RuntimeError(f"synthesised {found} scores above the threshold instead of {num_above}")
-    return loc[None], logits[None]
 
 
 # ----- the measurement -----
@@ -321,8 +139,8 @@ def _load(
 
 
 def _torch_model(settings: BenchSettings) -> Any:
-    from m2det.io.checkpoint import load_model
     from m2det.models import build_model
+    from m2det.models.loading import load_model
 
     path = Path(settings.model)
     if path.suffix == ".safetensors":
@@ -350,6 +168,19 @@ def _test_image(settings: BenchSettings) -> Tensor:
 
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Measure as `BenchSettings` says; returns the JSON-ready result (see docs/deploy.md).
+
+    `settings.threads` holds for the measurement only: torch's thread count is process-wide, so it
+    is restored afterwards, also on an error, for whatever the caller runs next.
+    """
+    previous_threads = torch.get_num_threads()
+    try:
+        return _measure(settings, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure(settings: BenchSettings, log: Callable[[str], None]) -> dict[str, Any]:
     """Measure as `BenchSettings` says; returns the JSON-ready result (see docs/deploy.md)."""
     from m2det.boxes.postprocess import PostProcessor, get_settings
     from m2det.models.complexity import measure
@@ -523,11 +354,4 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-__all__ = [
-    "BenchSettings",
-    "PeakMemory",
-    "Timing",
-    "reference_conv",
-    "run_bench",
-    "synthesize_predictions",
-]
+__all__ = ["BenchSettings", "reference_conv", "run_bench"]

@@ -32,8 +32,9 @@ import torch
 
 from m2det.config import ModelConfig
 from m2det.errors import FileFormatError
+from m2det.io.atomic import remove_temporaries, write_bytes_atomic
 from m2det.io.checkpoint import read_metadata, save_model
-from m2det.io.torchfile import read_torch_file, remove_temporaries, write_bytes_atomic
+from m2det.io.torchfile import read_torch_file
 
 PathLike = Union[str, Path]
 

@@ -181,7 +181,6 @@ def _run_demo(run_dir: Path, settings: DemoSettings, device: str, progress: bool
         "pr_curve": files["pr_curve.png"],
         "loss_curve": run_dir / "loss_curve.png",
         "results": run_dir / "results.csv",
-        "tensorboard": run_dir / "tensorboard",
         "pictures": pictures,
         "summary": run_dir / "demo.json",
     }
@@ -197,11 +196,10 @@ def draw_pictures(
     """
     import math
 
-    import cv2
     import torch
     import torch.nn.functional as F
 
-    from m2det.io.torchfile import atomic_path
+    from m2det.io.image import write_png
     from m2det.visualize import draw_detections
 
     names = list(dataset.class_names)
@@ -225,10 +223,5 @@ def draw_pictures(
                 class_names=names,
             )
             gap = torch.full((3, large.shape[1], 8), 255, dtype=torch.uint8)
-            rgb = torch.cat([truth, gap, detected], dim=2).permute(1, 2, 0).numpy()
-            ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-            if not ok:
-                raise RuntimeError(f"OpenCV could not encode picture {index}")
-            with atomic_path(out_dir / f"{index:03d}.png") as tmp:
-                tmp.write_bytes(encoded.tobytes())
+            write_png(out_dir / f"{index:03d}.png", torch.cat([truth, gap, detected], dim=2))
     return out_dir

@@ -23,11 +23,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from m2det.classes import class_mismatch
 from m2det.engine.voc_eval import mean_ap, voc_evaluate
 from m2det.errors import FileFormatError, M2DetError
 from m2det.inference.results import coco_results
+from m2det.io.atomic import atomic_path
 from m2det.io.jsonfile import finite_json, read_json, write_json
-from m2det.io.torchfile import atomic_path
 
 # The 12 numbers of COCOeval.summarize() for boxes, in its order.
 STAT_NAMES: tuple[str, ...] = (
@@ -469,19 +470,15 @@ def is_voc(dataset: Any) -> bool:
 
 
 def _check_classes(model: torch.nn.Module, dataset: Any) -> None:
+    """A class count that differs is an error; names that differ only a warning (labels match by position)."""
     names = list(dataset.class_names)
-    if model.num_classes - 1 != len(names):
-        raise M2DetError(
-            f"the model predicts {model.num_classes - 1} classes but the data set has {len(names)} "
-            f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
-        )
+    problem = class_mismatch(model.num_classes - 1, names, "the model", "the data set")
+    if problem:
+        raise M2DetError(problem)
     own = model.config.class_names
-    if own is not None and list(own) != names:
-        warnings.warn(
-            f"the model's class names {list(own)[:5]}... differ from the data set's {names[:5]}...; "
-            "labels are matched by position",
-            stacklevel=3,
-        )
+    problem = class_mismatch(own, names, "the model", "the data set") if own is not None else None
+    if problem:
+        warnings.warn(f"{problem}; labels are matched by position", stacklevel=3)
 
 
 def _resolve_model(model_or_detector: Any) -> torch.nn.Module:

@@ -1,14 +1,27 @@
-"""Evaluation plots written as PNG files (matplotlib, Agg backend, no display needed)."""
+"""Plots written as PNG files: evaluation's precision-recall curves, training's loss curve
+(matplotlib figures without pyplot: no display, no global state)."""
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from m2det.io.torchfile import atomic_path
+from m2det.io.atomic import atomic_path
+
+if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
+    from matplotlib.figure import Figure
+
+
+def save_figure(figure: Figure, path: Union[str, Path]) -> Path:
+    """Write a matplotlib figure as a PNG file, atomically: the one writer every plot goes through."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path
 
 
 def plot_pr_curves(
@@ -37,7 +50,36 @@ def plot_pr_curves(
         axes.text(0.5, 0.5, "no class with ground truth", ha="center", va="center")
     axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=title)
     axes.grid(True, alpha=0.3)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return path
+    return save_figure(figure, path)
+
+
+def plot_loss_curve(results_csv: Union[str, Path], path: Union[str, Path]) -> Path:
+    """Training loss terms per epoch and, where measured, validation AP50 and AP, as one PNG."""
+    from matplotlib.figure import Figure
+
+    with open(results_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    epochs = [int(r["epoch"]) for r in rows]
+    for key, style in (("loss", "-"), ("loss_box", "--"), ("loss_cls", ":")):
+        axes.plot(epochs, [float(r[key]) for r in rows], style, label=key)
+    measured = [r for r in rows if r.get("AP50")]
+    title = "Training loss and validation AP" if measured else "Training loss"
+    axes.set(xlabel="epoch", ylabel="training loss", title=title)
+    axes.grid(True, alpha=0.3)
+    handles, labels = axes.get_legend_handles_labels()
+    if measured:
+        right = axes.twinx()
+        for key, marker in (("AP50", "o-"), ("AP", "s-")):
+            right.plot(
+                [int(r["epoch"]) for r in measured],
+                [float(r[key]) for r in measured],
+                marker,
+                label=f"val {key}",
+            )
+        right.set(ylabel="validation AP", ylim=(0, 1))
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    axes.legend(handles, labels, loc="upper right", fontsize="small")
+    return save_figure(figure, path)

@@ -3,7 +3,7 @@
 A run folder holds `last.safetensors` + its `last_state_*.pt` (written after every epoch, together
 they resume the run exactly; see `m2det.engine.checkpoint_state`), `best.safetensors` (best
 validation metric), optional `epoch_N.safetensors`, `results.csv` (one row per epoch),
-`tensorboard/` and `loss_curve.png`. Under DDP only rank 0 writes. A NaN or exploding loss stops
+`loss_curve.png` and, with `tensorboard` (an optional extra), `tensorboard/`. Under DDP only rank 0 writes. A NaN or exploding loss stops
 the run before the bad step is applied, and a failed write (a full disk) leaves the previous
 checkpoint, so the checkpoint of the last finished epoch stays the last good one.
 """
@@ -28,6 +28,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from m2det.classes import class_mismatch
 from m2det.config import ModelConfig
 from m2det.device import usable_cores
 from m2det.engine import distributed
@@ -42,11 +43,12 @@ from m2det.engine.checkpoint_state import (
     save_checkpoint,
 )
 from m2det.engine.finetune import parameter_groups, prepare_epoch
+from m2det.engine.plots import plot_loss_curve
 from m2det.engine.schedule import TimeBudget, build_scheduler
 from m2det.engine.train_config import TrainConfig
 from m2det.errors import ConfigError, M2DetError
+from m2det.io.atomic import atomic_path
 from m2det.io.checkpoint import load_weights, save_model
-from m2det.io.torchfile import atomic_path
 from m2det.progress import progress_bar
 
 PathLike = Union[str, Path]
@@ -167,19 +169,12 @@ class Trainer:
         names = getattr(self.train_set, "class_names", None)
         if names is None:
             return config
-        if config.num_classes != len(names) + 1:
-            raise M2DetError(
-                f"the model has num_classes={config.num_classes} (background included) but the training "
-                f"data has {len(names)} classes {list(names)[:10]}: build the model with "
-                f"num_classes={len(names) + 1}"
-            )
+        own = config.class_names if config.class_names is not None else config.num_classes - 1
+        problem = class_mismatch(own, names, "the model", "the training data")
+        if problem:
+            raise M2DetError(f"{problem}: build the model with num_classes={len(names) + 1} and those names")
         if config.class_names is None:
             return dataclasses.replace(config, class_names=list(names))
-        if list(config.class_names) != list(names):
-            raise M2DetError(
-                f"the model's class_names {config.class_names[:10]} differ from the training data's "
-                f"{list(names)[:10]}"
-            )
         return config
 
     # ----- the whole run -----
@@ -198,6 +193,19 @@ class Trainer:
         finally:
             if joined_here:
                 distributed.cleanup()
+
+
+def tensorboard_writer_class() -> Any:
+    """TensorBoard's `SummaryWriter`, or an error saying how to install it (an optional extra: its
+    dependencies weigh ~50 MB and results.csv holds the epoch figures without it)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's module needs the tensorboard package
+        raise ConfigError(
+            "train.tensorboard=true needs TensorBoard: pip install 'm2det[tensorboard]' "
+            "(or leave it off: results.csv and loss_curve.png hold the epoch figures)"
+        ) from None
+    return SummaryWriter
 
 
 class TrainingRun:
@@ -236,7 +244,8 @@ class TrainingRun:
         self.callbacks: list[Callback] = []
         self.budget: Optional[TimeBudget] = None  # `config.time_limit_min`, see `_build`
         self.spent = 0.0  # the fraction of the budget spent, as all processes agree (see `_train_step`)
-        self.writer: Any = None
+        self.writer: Any = None  # TensorBoard's, when asked for
+        self.logs_open = False
         self.bar: Any = None
 
     @property
@@ -368,7 +377,7 @@ class TrainingRun:
             )
 
     def _loader(self) -> DataLoader:
-        from m2det.data import collate_fn
+        from m2det.data import build_loader
 
         config, info = self.config, self.info
         per_process = config.batch_size // info.world_size
@@ -383,12 +392,12 @@ class TrainingRun:
         )
         # Seeded again every epoch (see `_epoch`), so worker augmentation depends on (seed, epoch, rank) only.
         self.generator = torch.Generator()
-        loader = DataLoader(
+        loader = build_loader(
             self.train_set,
-            batch_size=per_process,
+            per_process,
+            shuffle=False,  # the sampler shuffles
             sampler=self.sampler,
             num_workers=config.workers,
-            collate_fn=collate_fn,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             generator=self.generator,
@@ -404,8 +413,8 @@ class TrainingRun:
     def _open_logs(self, resumed: bool) -> None:
         if not self.info.is_main:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
+        # before any file is written, so that a missing extra stops the run with nothing to clean up
+        SummaryWriter = tensorboard_writer_class() if self.config.tensorboard else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_files(self.run_dir)
         if removed:
@@ -418,9 +427,11 @@ class TrainingRun:
             tmp.write_text(config_text)
         rows = [r for r in self._read_csv() if int(r["epoch"]) <= self.epoch] if resumed else []
         self._write_csv(rows)
-        self.writer = SummaryWriter(
-            str(self.run_dir / TENSORBOARD_DIR), purge_step=self.step if resumed else None
-        )
+        self.logs_open = True
+        if SummaryWriter is not None:
+            self.writer = SummaryWriter(
+                str(self.run_dir / TENSORBOARD_DIR), purge_step=self.step if resumed else None
+            )
 
     # ----- the loop -----
     def run(self, resume: bool, stop_at_epoch: Optional[int], time_limit_s: Optional[float]) -> TrainResult:
@@ -623,11 +634,12 @@ class TrainingRun:
             self._save(rng, row)
         except OSError as exc:
             raise self._save_failed(exc) from exc
-        self.writer.add_scalar("train/images_per_s", images_per_s, self.step)
-        for key in REPORTED_METRICS:
-            if key in evaluated:
-                self.writer.add_scalar(f"val/{key}", evaluated[key], self.step)
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.add_scalar("train/images_per_s", images_per_s, self.step)
+            for key in REPORTED_METRICS:
+                if key in evaluated:
+                    self.writer.add_scalar(f"val/{key}", evaluated[key], self.step)
+            self.writer.flush()
         text = (
             f"{self._epoch_label(self.epoch)}  loss {means['loss']:.4f} (box {means['loss_box']:.4f}, "
             f"cls {means['loss_cls']:.4f})  lr {lr:.2e}  {images_per_s:.1f} img/s  {seconds:.0f} s"
@@ -706,7 +718,7 @@ class TrainingRun:
             return
         loss, box, cls = (losses[k] for k in LOSS_TERMS)
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.step % self.config.log_every == 0:
+        if self.writer is not None and self.step % self.config.log_every == 0:
             for name, value in (("loss", loss), ("loss_box", box), ("loss_cls", cls), ("lr", lr)):
                 self.writer.add_scalar(f"train/{name}", value, self.step)
         if self.bar is not None:
@@ -745,47 +757,14 @@ class TrainingRun:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.logs_open:
+            self.logs_open = False
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
             if (self.run_dir / RESULTS_CSV).is_file():
                 try:
                     plot_loss_curve(self.run_dir / RESULTS_CSV, self.run_dir / LOSS_CURVE)
                 except OSError:
                     if not failed:
                         raise
-
-
-def plot_loss_curve(results_csv: PathLike, path: PathLike) -> Path:
-    """Training loss terms per epoch and, where measured, validation AP50 and AP, as one PNG."""
-    from matplotlib.figure import Figure
-
-    with open(results_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    epochs = [int(r["epoch"]) for r in rows]
-    for key, style in (("loss", "-"), ("loss_box", "--"), ("loss_cls", ":")):
-        axes.plot(epochs, [float(r[key]) for r in rows], style, label=key)
-    measured = [r for r in rows if r.get("AP50")]
-    title = "Training loss and validation AP" if measured else "Training loss"
-    axes.set(xlabel="epoch", ylabel="training loss", title=title)
-    axes.grid(True, alpha=0.3)
-    handles, labels = axes.get_legend_handles_labels()
-    if measured:
-        right = axes.twinx()
-        for key, marker in (("AP50", "o-"), ("AP", "s-")):
-            right.plot(
-                [int(r["epoch"]) for r in measured],
-                [float(r[key]) for r in measured],
-                marker,
-                label=f"val {key}",
-            )
-        right.set(ylabel="validation AP", ylim=(0, 1))
-        more = right.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    axes.legend(handles, labels, loc="upper right", fontsize="small")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return path

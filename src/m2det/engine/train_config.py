@@ -66,6 +66,9 @@ class TrainConfig:
     lr_mults: dict[str, float] = field(default_factory=dict)
     loss_limit: float = 1e4  # a loss above this (or NaN/inf) stops the run
     log_every: int = 10  # TensorBoard scalars every N steps
+    # Also write TensorBoard scalars (needs `pip install 'm2det[tensorboard]'`); results.csv and
+    # loss_curve.png hold the epoch figures either way.
+    tensorboard: bool = False
     # Training recipe options beyond the paper (all off by default; see docs/train.md and the
     # `modern` preset).
     no_decay_norm_bias: bool = False  # no weight decay on biases and normalisation layers

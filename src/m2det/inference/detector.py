@@ -22,6 +22,7 @@ from m2det.boxes.postprocess import PostProcessor, PostprocessSettings, get_sett
 from m2det.device import resolve_device
 from m2det.errors import FileFormatError, M2DetError
 from m2det.inference.multiscale import detect_multiscale
+from m2det.io.image import to_rgb_tensor
 from m2det.io.torchfile import is_torch_file
 from m2det.models.m2det import M2Det, pyramid_sizes
 
@@ -114,43 +115,6 @@ class Detector:
         return results
 
 
-def to_rgb_tensor(image: ImageInput, where: str = "image") -> Tensor:
-    """A path, PIL image, OpenCV-style numpy array (BGR HWC uint8) or CHW tensor -> RGB CHW tensor.
-
-    Files and PIL images follow the rule of `m2det.io.image` (EXIF orientation applied, alpha
-    composited on white, ...), as training and evaluation read them."""
-    if isinstance(image, Tensor):
-        if image.dim() != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"{where}: expected a CHW tensor with 1 or 3 channels, got {tuple(image.shape)}")
-        return image.expand(3, -1, -1) if image.shape[0] == 1 else image
-    if isinstance(image, (str, Path)):
-        from m2det.io.image import read_image
-
-        return read_image(image)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(
-                f"{where}: expected a uint8 array (BGR HWC, as cv2.imread gives), got {image.dtype}"
-            )
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-            raise ValueError(
-                f"{where}: expected an HWC array with 1, 3 or 4 channels, got shape {image.shape}"
-            )
-        rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., 2::-1]  # BGR(A) -> RGB
-        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        from m2det.io.image import to_rgb
-
-        return to_rgb(image, where)
-    raise ValueError(
-        f"{where}: expected a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}"
-    )
-
-
 def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[str]) -> M2Det:
     """Our model file, an official checkpoint with its preset, or random weights (with a warning)."""
     from m2det.config import get_config
@@ -175,7 +139,7 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
 
         return OnnxRuntimeM2Det(path)
     if path.suffix == ".safetensors":
-        from m2det.io.checkpoint import load_model
+        from m2det.models.loading import load_model
 
         model = load_model(path)
         if preset is not None and preset != model.config.name:
@@ -192,6 +156,6 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
         raise M2DetError(
             f"{path}: an official checkpoint needs its preset (e.g. m2det512_vgg16) to know the architecture"
         )
-    from m2det.io.official import build_official_model
+    from m2det.models.loading import build_official_model
 
     return build_official_model(path, preset)

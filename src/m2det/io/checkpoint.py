@@ -16,7 +16,8 @@ from torch import Tensor
 
 from m2det.config import ModelConfig
 from m2det.errors import FileFormatError
-from m2det.io.torchfile import shared_state_groups, write_bytes_atomic
+from m2det.io.atomic import write_bytes_atomic
+from m2det.io.torchfile import shared_state_groups
 
 FORMAT = "m2det"
 
@@ -96,16 +97,3 @@ def read_metadata(path: Union[str, Path]) -> dict[str, str]:
 
 def read_config(path: Union[str, Path]) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(read_metadata(path)["config"]))
-
-
-def load_model(
-    path: Union[str, Path], device: Union[str, torch.device] = "cpu", **overrides: Any
-) -> torch.nn.Module:
-    """Rebuild the model saved at `path` and load its weights (strict)."""
-    from m2det.models import build_model
-
-    config = read_config(path)
-    config.backbone.weights = None  # the file holds the trained backbone
-    model = build_model(config, **overrides)
-    load_weights(model, path)
-    return model.to(device)

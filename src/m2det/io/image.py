@@ -1,4 +1,5 @@
-"""Image files and bytes: the one decoder that training, evaluation, detection, bench and serve use.
+"""Images: the one decoder that training, evaluation, detection, bench and serve use (files, bytes,
+PIL images, OpenCV arrays: `read_image`, `decode_image`, `to_rgb_tensor`), and the one PNG writer.
 
 Every image becomes a uint8 RGB tensor `[3, H, W]` by one rule, decoded with Pillow:
 
@@ -40,6 +41,7 @@ from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
 from m2det.errors import M2DetError
+from m2det.io.atomic import atomic_path
 
 PathLike = Union[str, Path]
 
@@ -125,6 +127,46 @@ def to_rgb(image: Image.Image, source: object = "image") -> Tensor:
     except ValueError as exc:
         raise UnsupportedImage(source, f"{image.mode} pixels cannot be converted to RGB ({exc})") from None
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def to_rgb_tensor(image: Union[PathLike, np.ndarray, Tensor, Image.Image], where: str = "image") -> Tensor:
+    """A path, PIL image, OpenCV-style numpy array (BGR HWC uint8) or CHW tensor -> RGB CHW tensor.
+
+    Files and PIL images follow this module's rule (EXIF orientation applied, alpha composited on
+    white, ...), as training and evaluation read them; arrays and tensors are taken as they are."""
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"{where}: expected a CHW tensor with 1 or 3 channels, got {tuple(image.shape)}")
+        return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(
+                f"{where}: expected a uint8 array (BGR HWC, as cv2.imread gives), got {image.dtype}"
+            )
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise ValueError(
+                f"{where}: expected an HWC array with 1, 3 or 4 channels, got shape {image.shape}"
+            )
+        rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., 2::-1]  # BGR(A) -> RGB
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    if isinstance(image, Image.Image):
+        return to_rgb(image, where)
+    raise ValueError(
+        f"{where}: expected a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}"
+    )
+
+
+def write_png(path: PathLike, rgb: Tensor) -> Path:
+    """Write a uint8 RGB `[3, H, W]` tensor as a PNG file, atomically (the one image writer)."""
+    path = Path(path)
+    pixels = Image.fromarray(rgb.detach().cpu().permute(1, 2, 0).contiguous().numpy(), "RGB")
+    with atomic_path(path) as tmp:
+        pixels.save(tmp, format="PNG")
+    return path
 
 
 def image_size(path: PathLike) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from m2det.errors import FileFormatError, M2DetError
-from m2det.io.torchfile import atomic_path, errors_name
+from m2det.io.atomic import atomic_path, errors_name
 
 
 def read_json(path: Union[str, Path], what: str = "file", error: type[M2DetError] = FileFormatError) -> Any:

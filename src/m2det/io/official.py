@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -153,7 +153,7 @@ def convert_official_state_dict(
     return renamed, report, mismatched
 
 
-def _read_state(
+def read_official_state(
     source: Union[str, Path, dict[str, Tensor]], where: Union[str, None] = None
 ) -> tuple[dict[str, Tensor], str]:
     """A state dict from a `.pth` path (weights_only) or a dict, and how errors should name it."""
@@ -208,7 +208,7 @@ def load_official(
     detection never uses (ResNet-101's `base.fc.*`) are dropped. Returns what was missing, unexpected
     and dropped.
     """
-    state, where = _read_state(source, where)
+    state, where = read_official_state(source, where)
     renamed, report, mismatched = convert_official_state_dict(state, model)
     problems = []
     if mismatched:
@@ -237,34 +237,3 @@ def official_num_classes(
             f"among its {len(state)} tensors"
         )
     return int(state["conf.0.weight"].shape[0]) // anchors_per_location
-
-
-def build_official_model(
-    source: Union[str, Path, dict[str, Tensor]], preset: str, **overrides: Any
-) -> nn.Module:
-    """An M2Det of `preset` with the class count and SFAM the official checkpoint implies, loaded.
-
-    A COCO checkpoint (81 classes) gets the COCO class names. `overrides` go to `get_config`
-    (e.g. ``mlfpn.num_levels=4`` for a checkpoint of a Table 3 variant).
-    """
-    from m2det.config import get_config
-    from m2det.data.names import COCO_CLASSES
-    from m2det.models import build_model
-
-    base = get_config(preset, **overrides)  # a wrong preset fails before a large file is read
-    state, where = _read_state(source)
-    num_classes = overrides.get("num_classes") or official_num_classes(
-        state, base.anchors.num_anchors_per_location, where
-    )
-    settings: dict[str, Any] = {
-        **overrides,
-        "num_classes": num_classes,
-        "mlfpn.sfam": overrides.get("mlfpn.sfam", any(k.startswith("sfam_module.") for k in state)),
-    }
-    if num_classes == len(COCO_CLASSES) + 1 and "class_names" not in overrides:
-        settings["class_names"] = list(COCO_CLASSES)
-    config = get_config(preset, **settings)
-    config.backbone.weights = None  # the checkpoint holds the backbone
-    model = build_model(config)
-    load_official(model, state, where=where)
-    return model

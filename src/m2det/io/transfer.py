@@ -62,7 +62,7 @@ def is_official_layout(state: dict[str, Tensor]) -> bool:
 def _from_official(
     state: dict[str, Tensor], where: str, preset: Optional[str], overrides: dict[str, Any]
 ) -> Checkpoint:
-    from m2det.data.names import COCO_CLASSES
+    from m2det.classes import COCO_CLASSES
     from m2det.io.official import (
         UNUSED_OFFICIAL_KEYS,
         official_backbone_of,

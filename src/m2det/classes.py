@@ -1,4 +1,13 @@
-"""Class names of the public benchmarks (facts, in their usual order)."""
+"""Class names: those of the public benchmarks (facts, in their usual order) and the one check that
+two lists of foreground classes agree (a model and its data, training and validation data).
+
+A top-level module, below data, io and models alike, since all three need the COCO names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
 
 COCO_CLASSES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
@@ -26,3 +35,26 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )  # fmt: skip
+
+
+def _shown(names: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def class_mismatch(
+    first: Union[Sequence[str], int], second: Sequence[str], first_what: str, second_what: str
+) -> Optional[str]:
+    """How `first`'s foreground classes differ from `second`'s, as a message; None when they agree.
+
+    `first` may be a count alone (a model without names): then only the counts are compared. The
+    message names the count first, since a count mismatch cannot be fixed by renaming.
+    """
+    second = list(second)
+    count = first if isinstance(first, int) else len(first)
+    if count != len(second):
+        return f"{first_what} has {count} classes but {second_what} has {len(second)} ({_shown(second)})"
+    if not isinstance(first, int) and list(first) != second:
+        return (
+            f"{first_what}'s classes ({_shown(list(first))}) differ from {second_what}'s ({_shown(second)})"
+        )
+    return None

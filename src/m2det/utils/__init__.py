@@ -1,0 +1,1 @@
+"""Helpers that are no part of detection: timing and memory measurement."""
