@@ -73,8 +73,8 @@ def detect(
     import warnings
 
     from m2det.boxes.postprocess import get_settings
-    from m2det.deploy.onnx_backend import check_backend_choice
     from m2det.inference.detector import Detector
+    from m2det.inference.network import check_backend_choice
     from m2det.inference.sources import resolve_source
 
     check_backend_choice(backend, weights)  # an .onnx file loads as an ONNX Runtime model below
@@ -340,7 +340,7 @@ class DetectRun:
 
         report = {
             "source": source,
-            "model": self.detector.model.config.name,
+            "model": self.detector.network.config.name,
             "settings": dataclasses.asdict(self.detector.settings),
             "sizes": self.detector.sizes,
             "flip": self.detector.flip,
