@@ -210,6 +210,19 @@ def test_int8_calibrates_on_the_data_and_quantises_every_conv(bccd_root, onnx_fi
     corr = np.corrcoef(fp32_logits.flatten().numpy(), int8_logits.flatten().numpy())[0, 1]
     assert corr > 0.99 and math.isfinite(corr)
 
+    # INT8 is one more runtime behind the network seam: the shared pipeline runs it as it is
+    from m2det.inference import DetectionPipeline, Network
+
+    assert isinstance(int8, Network) and int8.quantization["calibration_images"] == 3
+    assert fp32.quantization is None
+    pipeline = DetectionPipeline(int8, "official")
+    rgb = torch.as_tensor(image).as_subclass(torch.Tensor)
+    batch, sizes = pipeline.preprocess([rgb])
+    np.testing.assert_allclose(batch.numpy(), first, atol=1e-3)  # as calibration prepared it
+    direct = pipeline.postprocessor(*int8.forward_raw(batch), pipeline.anchors(320), sizes)[0]
+    got = pipeline([rgb])[0]
+    assert all(torch.equal(got[key], direct[key]) for key in ("boxes", "scores", "labels"))
+
     reader.rewind()
     heads = quantize_onnx(
         onnx_file, tmp_path / "int8_heads.onnx", reader, calibration="percentile", float_heads=True
