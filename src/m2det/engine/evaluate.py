@@ -24,6 +24,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from m2det.boxes.postprocess import PostprocessSettings
+from m2det.config import ModelConfig
 from m2det.engine.voc_eval import mean_ap, voc_evaluate
 from m2det.inference.network import Network
 from m2det.inference.pipeline import DetectionPipeline
@@ -470,7 +471,7 @@ def is_voc(dataset: Any) -> bool:
     return isinstance(dataset, (VOCDetection, VOCImageFolder))
 
 
-def _check_classes(config: Any, dataset: Any) -> None:
+def _check_classes(config: ModelConfig, dataset: Any) -> None:
     names = list(dataset.class_names)
     if config.num_classes - 1 != len(names):
         raise ValueError(

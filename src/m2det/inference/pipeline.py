@@ -84,8 +84,9 @@ class DetectionPipeline:
     ) -> tuple[Tensor, list[tuple[int, int]]]:
         """The network's input batch (on its device) at `size` (see `check_size`), and each image's (H, W)."""
         size = int(size or self.sizes[0])
-        means = self._pixel_means.to(self.network.device)
-        batch, image_sizes = resize_and_normalize(images, size, means)
+        if self._pixel_means.device != self.network.device:  # the network may have moved since
+            self._pixel_means = self._pixel_means.to(self.network.device)
+        batch, image_sizes = resize_and_normalize(images, size, self._pixel_means)
         return batch.to(self.network.dtype), image_sizes
 
     def anchors(self, size: int) -> Tensor:
