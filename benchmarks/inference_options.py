@@ -72,11 +72,11 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     if args.onnx or args.int8:
         from m2det.deploy.export import export_onnx
-        from m2det.deploy.onnx_backend import OnnxRuntimeBackend
+        from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 
         fp32 = Path(tmp.name) / "fp32.onnx"
         export_onnx(model, fp32)
-        runtime = OnnxRuntimeBackend(fp32, threads=torch.get_num_threads())
+        runtime = OnnxRuntimeNetwork(fp32, threads=torch.get_num_threads())
         variants["onnxruntime FP32"] = lambda: runtime(x)
         if args.int8:
             from m2det.deploy.quantize import calibration_reader, quantize_onnx
@@ -84,7 +84,7 @@ def main() -> None:
             reader = calibration_reader(fp32, args.int8, "train", args.calib_num)
             report = quantize_onnx(fp32, Path(tmp.name) / "int8.onnx", reader, source=args.int8)
             print(report.summary())
-            int8 = OnnxRuntimeBackend(Path(tmp.name) / "int8.onnx", threads=torch.get_num_threads())
+            int8 = OnnxRuntimeNetwork(Path(tmp.name) / "int8.onnx", threads=torch.get_num_threads())
             variants["onnxruntime INT8"] = lambda: int8(x)
 
     expected = eager()

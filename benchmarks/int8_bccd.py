@@ -28,7 +28,7 @@ import torch
 from m2det.data import build_dataset
 from m2det.deploy import optimize_for_inference
 from m2det.deploy.export import export_onnx
-from m2det.deploy.onnx_backend import OnnxRuntimeM2Det
+from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 from m2det.deploy.quantize import CALIBRATION_METHODS, calibration_reader, quantize_onnx, report_dict
 from m2det.engine.evaluate import evaluate
 from m2det.models.loading import load_model
@@ -77,8 +77,8 @@ def main() -> None:
 
     runtimes = {
         "pytorch fp32": optimize_for_inference(model),
-        "onnxruntime fp32": OnnxRuntimeM2Det(fp32_path, threads=torch.get_num_threads()),
-        "onnxruntime int8": OnnxRuntimeM2Det(int8_path, threads=torch.get_num_threads()),
+        "onnxruntime fp32": OnnxRuntimeNetwork(fp32_path, threads=torch.get_num_threads()),
+        "onnxruntime int8": OnnxRuntimeNetwork(int8_path, threads=torch.get_num_threads()),
     }
     test_set = build_dataset(args.data, args.test_split, keep_ignored=True)
     accuracy = {}

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import m2det
-from m2det.deploy import AffineInputConv2d, InferenceM2Det, fold_batchnorms, optimize_for_inference
+from m2det.deploy import AffineInputConv2d, OptimizedNetwork, fold_batchnorms, optimize_for_inference
 from m2det.deploy.fuse import count_batchnorms
+from m2det.inference import DetectionPipeline, Network
 
 THIN_VGG = {"mlfpn": {"planes": 16, "num_levels": 2, "shallow_out": 16, "deep_out": 32}}
 
@@ -62,13 +63,14 @@ def test_folding_keeps_forward_raw(name, overrides):
         assert_close_relative(actual, reference)
 
 
-def test_optimized_model_is_an_eval_m2det_with_channels_last_weights():
+def test_optimized_network_is_an_eval_network_with_channels_last_weights():
     model = with_trained_statistics(m2det.build_model("m2det_tiny", num_classes=4))
     fast = optimize_for_inference(model)
-    assert isinstance(fast, InferenceM2Det) and isinstance(fast, m2det.M2Det)
-    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
-    assert fast.inference_options.channels_last
-    conv = fast.backbone.stem[0]
+    assert isinstance(fast, OptimizedNetwork) and isinstance(fast, Network)
+    assert fast.config is fast.model.config and fast.fixed_input_size is None
+    assert not any(m.training for m in fast.modules()) and not any(p.requires_grad for p in fast.parameters())
+    assert fast.options.channels_last
+    conv = fast.model.backbone.stem[0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     x = batch_of_images(model, 3, seed=1)
     with torch.no_grad():
@@ -81,14 +83,14 @@ def test_optimized_model_is_an_eval_m2det_with_channels_last_weights():
 def test_shared_leach_stays_one_module_after_folding():
     model = with_trained_statistics(m2det.build_model("m2det_tiny", num_classes=4))
     fast = optimize_for_inference(model)
-    leach = fast.mlfpn.leach
+    leach = fast.model.mlfpn.leach
     assert all(level is leach[0] for level in leach)
     assert isinstance(leach[0].bn, nn.Identity) and leach[0].conv.bias is not None
     # the folded conv differs from the original's (it carries the BatchNorm)
     assert not torch.equal(leach[0].conv.weight, model.mlfpn.leach[0].conv.weight)
 
 
-def test_eval_forward_gives_the_same_detections():
+def test_the_pipeline_around_the_fast_network_gives_the_same_detections():
     model = with_trained_statistics(m2det.build_model("m2det_tiny", num_classes=4))
     fast = optimize_for_inference(model)
     images = [
@@ -96,7 +98,7 @@ def test_eval_forward_gives_the_same_detections():
     ]
     with torch.no_grad():
         expected = model(images)[0]
-    actual = fast(images)[0]
+    actual = DetectionPipeline(fast)(images)[0]
     assert len(actual["scores"]) == len(expected["scores"]) > 0
     torch.testing.assert_close(actual["boxes"], expected["boxes"], rtol=1e-3, atol=1e-2)
     torch.testing.assert_close(actual["scores"], expected["scores"], rtol=1e-3, atol=1e-5)
@@ -143,3 +145,7 @@ def test_bad_use_is_refused_with_a_clear_error():
         optimize_for_inference(model, cuda_graphs=True)
     with pytest.raises(ValueError, match="already optimised"):
         optimize_for_inference(optimize_for_inference(model))
+    from m2det.deploy.export import DetectionGraph
+
+    with pytest.raises(ValueError, match="original PyTorch M2Det"):  # export folds the original itself
+        DetectionGraph(optimize_for_inference(model))

@@ -19,7 +19,7 @@ import m2det
 from m2det.boxes.postprocess import PAPER
 from m2det.cli.common import next_run_dir
 from m2det.cli.main import app
-from m2det.inference.multiscale import mirror_boxes
+from m2det.inference.pipeline import mirror_boxes
 from m2det.inference.sources import resolve_source
 from m2det.io import jsonfile
 from m2det.io.image import to_rgb_tensor

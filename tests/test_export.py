@@ -18,7 +18,7 @@ import m2det
 from m2det.cli.main import app
 from m2det.config import ModelConfig
 from m2det.deploy.export import GraphNMS, export_onnx, export_torchscript, read_torchscript_metadata
-from m2det.deploy.onnx_backend import OnnxRuntimeM2Det, read_onnx_metadata
+from m2det.deploy.onnx_backend import OnnxRuntimeNetwork, read_onnx_metadata
 
 CLASSES = ["cat", "dog", "bird"]
 NMS = GraphNMS(score_threshold=0.3, iou_threshold=0.5, max_per_class=10)
@@ -83,11 +83,11 @@ def onnx_file(model, tmp_path_factory):
 
 
 def test_onnx_matches_pytorch_at_batch_1_and_3(model, onnx_file):
-    runtime = OnnxRuntimeM2Det(onnx_file)
+    runtime = OnnxRuntimeNetwork(onnx_file)
     for batch, seed in ((1, 10), (3, 11)):
         x = images(model, batch, seed)
         expected = reference_outputs(model, x)
-        got = runtime.backend.outputs(x)
+        got = runtime.outputs(x)
         for name in ("boxes", "scores", "loc", "logits"):
             assert got[name].shape == expected[name].shape == (batch, 12_810, 4)
             assert_close_relative(got[name], expected[name])
@@ -108,8 +108,8 @@ def test_onnx_file_describes_its_input_and_outputs(model, onnx_file):
 
 
 def test_onnx_nms_keeps_what_per_class_nms_keeps(model, onnx_file):
-    runtime = OnnxRuntimeM2Det(onnx_file)
-    out = runtime.backend.outputs(images(model, 2, 12))
+    runtime = OnnxRuntimeNetwork(onnx_file)
+    out = runtime.outputs(images(model, 2, 12))
     expected = reference_nms(out["boxes"], out["scores"], NMS)
     assert len(expected) > 0
     assert out["det_boxes"].shape == (len(expected), 4)
@@ -133,7 +133,7 @@ def test_torchscript_matches_pytorch_and_the_onnx_nms(model, onnx_file, tmp_path
     expected = reference_outputs(model, x)
     for value, name in zip(got[:4], ("boxes", "scores", "loc", "logits")):
         assert_close_relative(value, expected[name])
-    onnx_out = OnnxRuntimeM2Det(onnx_file).backend.outputs(x)
+    onnx_out = OnnxRuntimeNetwork(onnx_file).outputs(x)
     assert got[6].tolist() == onnx_out["det_labels"].tolist()
     assert got[7].tolist() == onnx_out["det_batch_index"].tolist()
     torch.testing.assert_close(got[5], onnx_out["det_scores"], rtol=1e-4, atol=1e-5)
@@ -149,7 +149,10 @@ def test_detector_runs_the_onnx_model_like_the_pytorch_one(model, onnx_file, tmp
     expected = m2det.Detector(weights, settings="official")(image)
     onnx_detector = m2det.Detector(onnx_file, settings="official")
     got = onnx_detector(image)
-    assert isinstance(onnx_detector.model, OnnxRuntimeM2Det) and not list(onnx_detector.model.parameters())
+    # the graph is the whole network: no PyTorch module holds any of it
+    assert isinstance(onnx_detector.network, OnnxRuntimeNetwork) and not isinstance(
+        onnx_detector.network, nn.Module
+    )
     assert onnx_detector.class_names == CLASSES
     assert len(got["scores"]) == len(expected["scores"]) > 0
     torch.testing.assert_close(got["scores"], expected["scores"], rtol=1e-3, atol=1e-4)
@@ -167,7 +170,7 @@ def test_a_model_exported_at_another_size_runs_at_that_size(model, tmp_path):
         0, 256, (3, 200, 260), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)
     )
     onnx_detector = m2det.Detector(path, settings="official")
-    assert onnx_detector.model.input_size == 384 and onnx_detector.sizes == [384]
+    assert onnx_detector.network.fixed_input_size == 384 and onnx_detector.sizes == [384]
     expected = m2det.Detector(
         save_model(model, tmp_path / "tiny.safetensors"), sizes=[384], settings="official"
     )
@@ -199,13 +202,26 @@ def test_int8_calibrates_on_the_data_and_quantises_every_conv(bccd_root, onnx_fi
     assert json.loads(meta["m2det.quantization"])["calibration_images"] == 3
     assert meta["m2det.config"] == read_onnx_metadata(onnx_file)["m2det.config"]
 
-    fp32, int8 = OnnxRuntimeM2Det(onnx_file), OnnxRuntimeM2Det(tmp_path / "int8.onnx")
+    fp32, int8 = OnnxRuntimeNetwork(onnx_file), OnnxRuntimeNetwork(tmp_path / "int8.onnx")
     x = torch.from_numpy(first)
     fp32_logits, int8_logits = fp32.forward_raw(x)[1], int8.forward_raw(x)[1]
     spread = float(fp32_logits.std())
     assert float((int8_logits - fp32_logits).abs().mean()) < 0.1 * spread
     corr = np.corrcoef(fp32_logits.flatten().numpy(), int8_logits.flatten().numpy())[0, 1]
     assert corr > 0.99 and math.isfinite(corr)
+
+    # INT8 is one more runtime behind the network seam: the shared pipeline runs it as it is
+    from m2det.inference import DetectionPipeline, Network
+
+    assert isinstance(int8, Network) and int8.quantization["calibration_images"] == 3
+    assert fp32.quantization is None
+    pipeline = DetectionPipeline(int8, "official")
+    rgb = torch.as_tensor(image).as_subclass(torch.Tensor)
+    batch, sizes = pipeline.preprocess([rgb])
+    np.testing.assert_allclose(batch.numpy(), first, atol=1e-3)  # as calibration prepared it
+    direct = pipeline.postprocessor(*int8.forward_raw(batch), pipeline.anchors(320), sizes)[0]
+    got = pipeline([rgb])[0]
+    assert all(torch.equal(got[key], direct[key]) for key in ("boxes", "scores", "labels"))
 
     reader.rewind()
     heads = quantize_onnx(
@@ -233,7 +249,7 @@ def test_export_cli_refuses_bad_options(tmp_path, args, message):
 
 
 def test_backend_choice_needs_an_onnx_file():
-    from m2det.deploy.onnx_backend import check_backend_choice
+    from m2det.inference.network import check_backend_choice
 
     assert check_backend_choice(None, "model.onnx") == "onnxruntime"
     assert check_backend_choice(None, "model.safetensors") == "pytorch"

@@ -8,18 +8,15 @@ from torch import Tensor
 
 from m2det.config import ModelConfig, get_config, list_presets
 from m2det.inference.detector import Detector
-from m2det.models import M2Det, build_model, pyramid_sizes
+from m2det.models import M2Det, build_model, config_anchors
 
 __version__ = "0.1.0"
 
 
 def anchors(name_or_config: Union[str, ModelConfig], input_size: Union[int, None] = None) -> Tensor:
     """The anchors `[A, 4]` (cx, cy, w, h; normalised) of a preset or config, in the official order."""
-    from m2det.boxes.anchors import AnchorGenerator
-
     config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    size = int(input_size or config.input_size)
-    return AnchorGenerator(config.anchors, config.input_size)(size, pyramid_sizes(config, size))
+    return config_anchors(config, input_size)
 
 
 def load_official(model: M2Det, path_or_state_dict, strict: bool = True):  # noqa: ANN001

@@ -53,7 +53,7 @@ def export(
     import tempfile
 
     from m2det.deploy.export import GraphNMS, export_onnx, export_torchscript
-    from m2det.inference.detector import load_model_for_inference
+    from m2det.inference.network import load_model_for_inference
 
     if fmt not in FORMATS:
         raise M2DetError(f"--format must be one of {FORMATS}, got {fmt!r}")

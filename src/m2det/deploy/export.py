@@ -33,15 +33,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import nms
 
+from m2det.deploy.formats import FORMAT, INPUT_NAME, NMS_OUTPUT_NAMES, OUTPUT_NAMES
 from m2det.deploy.fuse import fold_batchnorms
+from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 from m2det.errors import ConfigError, FileFormatError
 from m2det.io.atomic import atomic_path
 from m2det.models.m2det import M2Det
 
-FORMAT = "m2det-export/1"
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("boxes", "scores", "loc", "logits")
-NMS_OUTPUT_NAMES = ("det_boxes", "det_scores", "det_labels", "det_batch_index")
 ONNX_OPSET = 18
 
 
@@ -108,7 +106,7 @@ class DetectionGraph(nn.Module):
 
     def __init__(self, model: M2Det, input_size: Optional[int] = None, fold_batchnorm: bool = True):
         super().__init__()
-        if type(model).forward_raw is not M2Det.forward_raw:
+        if not isinstance(model, M2Det):  # another runtime (optimised, ONNX Runtime) has no graph to trace
             raise ValueError(
                 f"export the original PyTorch M2Det, not a {type(model).__name__} (export folds BatchNorms itself)"
             )
@@ -266,12 +264,9 @@ def export_onnx(
     names = OUTPUT_NAMES + (NMS_OUTPUT_NAMES if nms is not None else ())
     report = ExportReport(path=path, format="onnx", outputs=names)
     if check:
-        from m2det.deploy.onnx_backend import create_session
-
         x = _check_input(graph.network, size, check_batch, seed=1).cpu()
-        session = create_session(path)
-        got = [torch.from_numpy(v) for v in session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})]
-        _compare(report, graph, x, got, tolerance)
+        outputs = OnnxRuntimeNetwork(path).outputs(x, list(OUTPUT_NAMES))
+        _compare(report, graph, x, [outputs[name] for name in OUTPUT_NAMES], tolerance)
         report.check_batch = check_batch
     return report
 

@@ -1,9 +1,9 @@
-"""Running an exported ONNX model with ONNX Runtime, behind the same interfaces as the PyTorch model.
+"""Running an exported ONNX model (FP32 or INT8) with ONNX Runtime, as a `m2det.inference.Network`.
 
-* `OnnxRuntimeBackend`: the `Detector`'s backend seam (normalised batch -> `loc`, `logits`).
-* `OnnxRuntimeM2Det`: an `M2Det` whose network is the ONNX file (geometry, preprocessing and
-  post-processing come from the configuration stored in the file), so `m2det.Detector` and
-  `m2det.engine.evaluate.evaluate` run it unchanged.
+`OnnxRuntimeNetwork` takes the normalised batch and returns `(loc, logits)` like `M2Det.forward_raw`;
+the configuration stored in the file tells the pipeline around it (`m2det.inference.DetectionPipeline`)
+how to preprocess, lay out anchors and decode, so `Detector`, evaluation and `m2det bench` run it as
+they run the PyTorch model.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 
 from m2det.config import ModelConfig
-from m2det.deploy.export import FORMAT, INPUT_NAME
+from m2det.deploy.formats import FORMAT, INPUT_NAME
 from m2det.errors import FileFormatError, M2DetError
-from m2det.models.m2det import M2Det
 
 
 def create_session(
@@ -63,11 +62,15 @@ def _check_metadata(metadata: dict[str, str], path: Path) -> dict[str, str]:
     return metadata
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeNetwork:
     """An exported model run by ONNX Runtime: a normalised batch `[N, 3, S, S]` -> `(loc, logits)`.
 
+    The graph was exported for one input size S (`fixed_input_size`); it runs on the CPU unless
+    `providers` says otherwise, and returns its outputs on the device of the batch it was given.
     `outputs(batch)` gives every graph output by name (decoded boxes, scores, NMS results).
     """
+
+    dtype = torch.float32
 
     def __init__(
         self, path: Union[str, Path], threads: Optional[int] = None, providers: Optional[list[str]] = None
@@ -76,8 +79,25 @@ class OnnxRuntimeBackend:
         self.session = create_session(self.path, threads, providers)
         self.metadata = _check_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.config = ModelConfig.from_dict(json.loads(self.metadata["m2det.config"]))
-        self.input_size = int(self.metadata["m2det.input_size"])
+        self.config.backbone.weights = None  # the graph holds the trained weights
+        self.fixed_input_size: Optional[int] = int(self.metadata["m2det.input_size"])
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def input_size(self) -> int:
+        """The size the graph was exported for, the only one it runs at."""
+        return int(self.fixed_input_size or self.config.input_size)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the batch is prepared: ONNX Runtime reads its input from host memory."""
+        return torch.device("cpu")
+
+    @property
+    def quantization(self) -> Optional[dict[str, Any]]:
+        """How `m2det export --int8` quantised the graph, or None for an FP32 graph."""
+        value = self.metadata.get("m2det.quantization")
+        return json.loads(value) if value else None
 
     def _feed(self, batch: Tensor) -> dict[str, np.ndarray]:
         expected = (3, self.input_size, self.input_size)
@@ -93,65 +113,8 @@ class OnnxRuntimeBackend:
         values = self.session.run(names, self._feed(batch))
         return {name: torch.from_numpy(value).to(batch.device) for name, value in zip(names, values)}
 
-    def __call__(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_raw(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         out = self.outputs(batch, ["loc", "logits"])
         return out["loc"], out["logits"]
 
-
-class OnnxRuntimeM2Det(M2Det):
-    """An M2Det whose network is an exported ONNX file run by ONNX Runtime.
-
-    Only the light parts of the model exist (config, anchors, box coder, pixel means); the
-    network's modules are built on the meta device, which allocates nothing, and then dropped.
-    `forward_raw` runs the graph; the model has no parameters.
-    """
-
-    def __init__(
-        self, path: Union[str, Path], threads: Optional[int] = None, providers: Optional[list[str]] = None
-    ):
-        backend = OnnxRuntimeBackend(path, threads, providers)
-        config = backend.config
-        config.backbone.weights = None  # the graph holds the trained weights
-        with torch.device("meta"):
-            super().__init__(config)
-        self.backbone = self.mlfpn = self.head = None
-        self.pixel_means = torch.tensor(config.pixel_means, dtype=torch.float32).view(1, 3, 1, 1)
-        self.backend = backend
-        self.eval()
-
-    @property
-    def input_size(self) -> int:
-        return self.backend.input_size
-
-    def forward_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.backend(x)
-
-    def preprocess(
-        self, images: Any, input_size: Optional[int] = None
-    ) -> tuple[Tensor, list[tuple[int, int]]]:
-        if input_size is not None and int(input_size) != self.input_size:
-            raise M2DetError(
-                f"{self.backend.path}: exported for input size {self.input_size}, cannot run at {input_size} "
-                "(export again with --size for another input size)"
-            )
-        return super().preprocess(images, input_size)
-
-
-BACKENDS = ("pytorch", "onnxruntime")
-
-
-def check_backend_choice(backend: Optional[str], weights: Optional[Union[str, Path]]) -> str:
-    """The runtime for `weights` (an `.onnx` file runs on ONNX Runtime, anything else on PyTorch),
-    with a clear error when an explicit `backend` cannot run that file."""
-    is_onnx = weights is not None and Path(weights).suffix == ".onnx"
-    chosen = backend or ("onnxruntime" if is_onnx else "pytorch")
-    if chosen not in BACKENDS:
-        raise M2DetError(f"--backend must be one of {BACKENDS}, got {chosen!r}")
-    if chosen == "onnxruntime" and not is_onnx:
-        raise M2DetError(
-            f"--backend onnxruntime runs an exported .onnx model, got {weights or 'no --weights'}; "
-            "export one first with `m2det export model.onnx --weights ...`"
-        )
-    if chosen == "pytorch" and is_onnx:
-        raise M2DetError(f"{weights}: an .onnx model runs with --backend onnxruntime")
-    return chosen
+    __call__ = forward_raw

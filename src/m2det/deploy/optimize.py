@@ -1,4 +1,4 @@
-"""The fast inference path: an M2Det with folded BatchNorms, channels-last memory, inference mode,
+"""The fast inference path: an M2Det network (a `m2det.inference.Network`) with folded BatchNorms, channels-last memory, inference mode,
 and optionally torch.compile, autocast and CUDA graphs, whose outputs equal the original's.
 
 Defaults follow the measurements in docs/deploy.md: folding and channels-last pay on the CPU and
@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from m2det.config import ModelConfig
 from m2det.deploy.fuse import fold_batchnorms
 from m2det.errors import M2DetError
 from m2det.models.m2det import M2Det
@@ -25,7 +26,7 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class InferenceOptions:
-    """What `optimize_for_inference` applied; kept on the model as `inference_options`."""
+    """What `optimize_for_inference` applied; kept on the result as `options`."""
 
     fold_batchnorm: bool = True
     channels_last: bool = True
@@ -37,21 +38,47 @@ class InferenceOptions:
         return asdict(self)
 
 
-class InferenceM2Det(M2Det):
-    """An M2Det prepared by `optimize_for_inference`: `forward_raw` runs under `torch.inference_mode`
-    in the prepared memory format and precision, through the compiled network when compiled.
+class OptimizedNetwork(nn.Module):
+    """An M2Det network prepared by `optimize_for_inference`, as a `m2det.inference.Network`:
+    `forward_raw` runs under `torch.inference_mode` in the prepared memory format and precision,
+    through the compiled network when compiled, and returns float32.
 
-    The state dict no longer matches a training checkpoint (BatchNorms are folded away): keep the
-    original model for saving.
+    It holds its own copy of the model (`model`), whose state dict no longer matches a training
+    checkpoint (BatchNorms are folded away): keep the original model for saving and export.
     """
 
-    inference_options: InferenceOptions
-    _compiled_network: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]]
+    def __init__(self, model: M2Det, options: InferenceOptions):
+        super().__init__()
+        self.model = model
+        self.options = options
+        self._compiled: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
+        if options.compile:
+            mode = "reduce-overhead" if options.cuda_graphs else None
+            self._compiled = torch.compile(model.forward_raw, mode=mode)
+
+    # what a runtime tells: the model's own geometry, any input size
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def input_size(self) -> int:
+        return self.model.input_size
+
+    fixed_input_size: Optional[int] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
 
     def forward_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        options = self.inference_options
-        network = self._compiled_network or super().forward_raw
-        with torch.inference_mode(), _autocast(x.device, options.precision):
+        options = self.options
+        network = self._compiled or self.model.forward_raw
+        with torch.inference_mode(), autocast(x.device, PRECISIONS[options.precision]):
             if options.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             loc, logits = network(x)
@@ -59,20 +86,14 @@ class InferenceM2Det(M2Det):
             loc, logits = loc.clone(), logits.clone()
         return loc.float(), logits.float()
 
+    forward = forward_raw
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = PRECISIONS[precision]
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`'s kind; no-op for None (full precision)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _inference_class(cls: type[M2Det]) -> type[InferenceM2Det]:
-    if issubclass(cls, InferenceM2Det):
-        return cls
-    if cls is M2Det:
-        return InferenceM2Det
-    return type(f"Inference{cls.__name__}", (InferenceM2Det, cls), {})
 
 
 # The settings that `benchmarks/inference_options.py` and `m2det bench` found to pay on a CPU
@@ -89,15 +110,17 @@ def optimize_for_inference(
     compile: Optional[bool] = None,
     precision: str = "fp32",
     cuda_graphs: bool = False,
-) -> InferenceM2Det:
-    """A copy of `model`, in eval mode, prepared for fast inference; `model` itself is untouched.
+) -> OptimizedNetwork:
+    """A copy of `model`'s network, in eval mode, prepared for fast inference; `model` itself is untouched.
 
     Options left at None take `DEFAULT_OPTIONS`. `precision` other than
     fp32 runs under autocast (outputs differ from fp32 by the reduced precision). `cuda_graphs`
     (CUDA only) compiles with mode "reduce-overhead", which replays the network as a CUDA graph.
     """
-    if isinstance(model, InferenceM2Det):
+    if isinstance(model, OptimizedNetwork):
         raise ValueError("the model is already optimised for inference; pass the original model")
+    if not isinstance(model, M2Det):
+        raise ValueError(f"optimize_for_inference takes a PyTorch M2Det, not a {type(model).__name__}")
     if precision not in PRECISIONS:
         raise M2DetError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     device = next(model.parameters()).device
@@ -117,13 +140,4 @@ def optimize_for_inference(
     optimized.requires_grad_(False)
     if options.channels_last:
         optimized.to(memory_format=torch.channels_last)
-    # Swap the class in place, as torch.nn.utils.parametrize does, so the result keeps every
-    # attribute and shared module of the copy and is still an M2Det (anchors, postprocess, ...).
-    optimized.__class__ = _inference_class(type(model))
-    optimized.inference_options = options
-    optimized._compiled_network = None
-    if options.compile:
-        network = super(InferenceM2Det, optimized).forward_raw
-        mode = "reduce-overhead" if options.cuda_graphs else None
-        optimized._compiled_network = torch.compile(network, mode=mode)
-    return optimized
+    return OptimizedNetwork(optimized, options).eval()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
-from m2det.deploy.export import INPUT_NAME
+from m2det.deploy.formats import INPUT_NAME
 from m2det.errors import ConfigError, M2DetError
 from m2det.io.atomic import atomic_path
 
@@ -62,7 +62,7 @@ class DatasetCalibrationReader(CalibrationDataReader):
 
     `num_images` images are drawn without replacement (seeded) from `dataset`, which should carry
     the eval transform (a square uint8 image of the graph's input size); `normalize` maps RGB in
-    [0, 1] to the graph's input convention (`M2Det.normalize`).
+    [0, 1] to the graph's input convention (`m2det.models.transform.normalize` with the model's means).
     """
 
     def __init__(self, dataset: Any, normalize: Any, num_images: int, seed: int = 0):
@@ -97,12 +97,16 @@ def calibration_reader(
 ) -> DatasetCalibrationReader:
     """Calibration images from `m2det.data.build_dataset(source, split)` with the eval transform,
     normalised as the ONNX model at `fp32_path` expects."""
-    from m2det.data import build_dataset, build_eval_transform
-    from m2det.deploy.onnx_backend import OnnxRuntimeM2Det
+    from functools import partial
 
-    model = OnnxRuntimeM2Det(fp32_path)
-    dataset = build_dataset(source, split, transforms=build_eval_transform(model.input_size))
-    return DatasetCalibrationReader(dataset, model.normalize, num_images, seed)
+    from m2det.data import build_dataset, build_eval_transform
+    from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
+    from m2det.models.transform import normalize, pixel_means_tensor
+
+    network = OnnxRuntimeNetwork(fp32_path)
+    dataset = build_dataset(source, split, transforms=build_eval_transform(network.input_size))
+    means = pixel_means_tensor(network.config.pixel_means)
+    return DatasetCalibrationReader(dataset, partial(normalize, pixel_means=means), num_images, seed)
 
 
 def _tail_nodes(graph: Any, last_convs: bool = False) -> list[str]:

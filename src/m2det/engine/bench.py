@@ -27,12 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from m2det.boxes.synthesize import synthesize_predictions
+from m2det.deploy.optimize import autocast
 from m2det.device import resolve_device
 from m2det.errors import M2DetError
+from m2det.inference.network import BACKENDS, Network
+from m2det.inference.pipeline import DetectionPipeline
 from m2det.utils.memory import PeakMemory
 from m2det.utils.timing import Stopwatch
 
-BACKENDS = ("pytorch", "onnxruntime")
 REFERENCE_CONV = {"in_channels": 256, "out_channels": 256, "kernel": 3, "size": 40}
 # Pause between the timing blocks of two runtimes, long enough for a thread pool to stop spinning.
 SETTLE_S = 1.0
@@ -85,57 +87,49 @@ def reference_conv(
     gflops = 2 * c_in * c_out * k * k * s * s * batch / 1e9
 
     def run() -> Tensor:
-        with torch.inference_mode(), _autocast(device, dtype):
+        with torch.inference_mode(), autocast(device, dtype):
             return conv(x)
 
     return run, gflops
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 # ----- the measurement -----
-def _load(
-    settings: BenchSettings, device: torch.device
-) -> tuple[Any, Callable[[Tensor], tuple[Tensor, Tensor]], dict]:
-    """The model (for geometry, preprocessing, post-processing), the network callable and what it is."""
+def _load(settings: BenchSettings, device: torch.device) -> tuple[Network, Callable[[Tensor], Any], dict]:
+    """The network (a `m2det.inference.Network`: the seam every runtime implements), the callable
+    that is timed, and what it is."""
     path = Path(settings.model)
     if settings.backend not in BACKENDS:
         raise M2DetError(f"backend must be one of {BACKENDS}, got {settings.backend!r}")
     if path.suffix == ".onnx":
         if settings.backend != "onnxruntime":
             raise M2DetError(f"{path}: an ONNX model runs with backend onnxruntime, not {settings.backend}")
-        from m2det.deploy.onnx_backend import OnnxRuntimeM2Det
+        from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 
-        model = OnnxRuntimeM2Det(path, threads=settings.threads)
-        return (
-            model,
-            model.backend,
-            {"onnx": str(path), "quantization": model.backend.metadata.get("m2det.quantization")},
-        )
+        onnx_network = OnnxRuntimeNetwork(path, threads=settings.threads)
+        quantization = onnx_network.metadata.get("m2det.quantization")
+        return onnx_network, onnx_network.forward_raw, {"onnx": str(path), "quantization": quantization}
     model = _torch_model(settings).to(device).eval()
     if settings.backend == "onnxruntime":
         from m2det.deploy.export import export_onnx
-        from m2det.deploy.onnx_backend import OnnxRuntimeM2Det
+        from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 
         with tempfile.TemporaryDirectory(prefix="m2det-bench-") as tmp:
             export_onnx(model.cpu(), Path(tmp) / "model.onnx", input_size=settings.input_size)
-            onnx_model = OnnxRuntimeM2Det(Path(tmp) / "model.onnx", threads=settings.threads)
-        return onnx_model, onnx_model.backend, {"onnx": "exported for this run (FP32)"}
+            onnx_network = OnnxRuntimeNetwork(Path(tmp) / "model.onnx", threads=settings.threads)
+        return onnx_network, onnx_network.forward_raw, {"onnx": "exported for this run (FP32)"}
     if not settings.optimize:
 
-        def network(x: Tensor) -> tuple[Tensor, Tensor]:
-            with torch.inference_mode():
+        def eager(x: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.inference_mode():  # as the fast path runs, so that only the options differ
                 return model.forward_raw(x)
 
-        return model, network, {"optimized": False}
+        return model, eager, {"optimized": False}
     from m2det.deploy import optimize_for_inference
 
     fast = optimize_for_inference(
         model, channels_last=settings.channels_last, compile=settings.compile, precision=settings.precision
     )
-    return fast, fast.forward_raw, {"optimized": True, **fast.inference_options.to_dict()}
+    return fast, fast.forward_raw, {"optimized": True, **fast.options.to_dict()}
 
 
 def _torch_model(settings: BenchSettings) -> Any:
@@ -182,7 +176,6 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda _: No
 
 def _measure(settings: BenchSettings, log: Callable[[str], None]) -> dict[str, Any]:
     """Measure as `BenchSettings` says; returns the JSON-ready result (see docs/deploy.md)."""
-    from m2det.boxes.postprocess import PostProcessor, get_settings
     from m2det.models.complexity import measure
 
     if settings.repeats < 1 or settings.warmup < 0:
@@ -200,10 +193,12 @@ def _measure(settings: BenchSettings, log: Callable[[str], None]) -> dict[str, A
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     log(f"loading {settings.model} ({settings.backend})")
-    model, network, backend_info = _load(settings, device)
+    runtime, network, backend_info = _load(settings, device)
+    pipeline = DetectionPipeline(runtime, settings.postprocess)
     memory = PeakMemory(device)
-    size = int(settings.input_size or model.input_size)
-    config = model.config
+    size = int(settings.input_size or runtime.input_size)
+    pipeline.check_size(size)
+    config = runtime.config
     complexity = measure(config, size)
     timer = Stopwatch(device)
     options = backend_info if settings.backend == "pytorch" else {}
@@ -216,16 +211,16 @@ def _measure(settings: BenchSettings, log: Callable[[str], None]) -> dict[str, A
 
     # latency per image at batch 1: preprocessing, network, post-processing
     image = _test_image(settings).to(device)
-    post = PostProcessor(model.box_coder, get_settings(settings.postprocess), categories=config.categories)
-    anchors = model.anchors(size).to(device)
-    x, sizes = model.preprocess([image], size)
+    post = pipeline.postprocessor
+    anchors = pipeline.anchors(size).to(device)
+    x, sizes = pipeline.preprocess([image], size)
     log("latency at batch 1")
-    pre_t = timer.repeat(lambda: model.preprocess([image], size), settings.warmup, settings.repeats)
+    pre_t = timer.repeat(lambda: pipeline.preprocess([image], size), settings.warmup, settings.repeats)
     net_t = timer.repeat(lambda: network(x), settings.warmup, settings.repeats)
     if settings.postprocess_load == "synthetic":
         loc, logits = synthesize_predictions(
             anchors.cpu(), config.num_classes, settings.boxes_above_threshold, post.settings.score_threshold,
-            model.box_coder, seed=settings.seed,
+            post.box_coder, seed=settings.seed,
         )  # fmt: skip
         loc, logits = loc.to(device), logits.to(device)
     else:

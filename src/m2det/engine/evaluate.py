@@ -23,9 +23,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from m2det.boxes.postprocess import PostprocessSettings
 from m2det.classes import class_mismatch
+from m2det.config import ModelConfig
 from m2det.engine.voc_eval import mean_ap, voc_evaluate
 from m2det.errors import FileFormatError, M2DetError
+from m2det.inference.network import Network
+from m2det.inference.pipeline import DetectionPipeline
 from m2det.inference.results import coco_results
 from m2det.io.atomic import atomic_path
 from m2det.io.jsonfile import finite_json, read_json, write_json
@@ -469,43 +473,41 @@ def is_voc(dataset: Any) -> bool:
     return isinstance(dataset, (VOCDetection, VOCImageFolder))
 
 
-def _check_classes(model: torch.nn.Module, dataset: Any) -> None:
+def _check_classes(config: ModelConfig, dataset: Any) -> None:
     """A class count that differs is an error; names that differ only a warning (labels match by position)."""
     names = list(dataset.class_names)
-    problem = class_mismatch(model.num_classes - 1, names, "the model", "the data set")
+    problem = class_mismatch(config.num_classes - 1, names, "the model", "the data set")
     if problem:
         raise M2DetError(problem)
-    own = model.config.class_names
+    own = config.class_names
     problem = class_mismatch(own, names, "the model", "the data set") if own is not None else None
     if problem:
         warnings.warn(f"{problem}; labels are matched by position", stacklevel=3)
 
 
-def _resolve_model(model_or_detector: Any) -> torch.nn.Module:
-    """The M2Det network itself, also when wrapped by a detector (its `.model`) or DDP (`.module`)."""
-    model = model_or_detector
-    for attribute in ("model", "module"):
-        if not hasattr(model, "forward_raw"):
-            model = getattr(model, attribute, model)
-    if not hasattr(model, "forward_raw"):
-        raise TypeError(
-            f"evaluate needs an M2Det model or a detector wrapping one, got {type(model_or_detector).__name__}"
+def _pipeline(model_or_detector: Any, settings: Union[str, PostprocessSettings, None]) -> DetectionPipeline:
+    """What runs: a `DetectionPipeline` (also a `Detector`'s) as built, or a `Network` (a DDP
+    wrapper's `.module` too) in a pipeline of its own. `settings` (a `PostprocessSettings`, "paper" or
+    "official") replaces the pipeline's; a bare network gets the paper's. Never state left on the model."""
+    from m2det.inference.detector import Detector
+
+    given = model_or_detector
+    if isinstance(given, Detector):
+        given = given.pipeline
+    if isinstance(given, DetectionPipeline):
+        if settings is None:
+            return given
+        return DetectionPipeline(
+            given.network, settings, sizes=given.sizes, flip=given.flip, label_names=False
         )
-    return model
-
-
-def _postprocessor(model: torch.nn.Module, model_or_detector: Any, settings: Any) -> Any:
-    """Post-processing with `settings` (a `PostprocessSettings` or "paper" / "official"); without,
-    the detector's or the model's own, else the paper's."""
-    from m2det.boxes.postprocess import PostProcessor
-
-    if settings is not None:
-        return PostProcessor(model.box_coder, settings)
-    for owner in (model_or_detector, model):
-        existing = getattr(owner, "postprocessor", None)
-        if existing is not None:
-            return existing
-    return PostProcessor(model.box_coder)
+    if isinstance(given, torch.nn.parallel.DistributedDataParallel):
+        given = given.module
+    if not isinstance(given, Network):
+        raise TypeError(
+            f"evaluate needs an M2Det model, another runtime of its network (m2det.inference.Network) or a "
+            f"detector, got {type(model_or_detector).__name__}"
+        )
+    return DetectionPipeline(given, "paper" if settings is None else settings, label_names=False)
 
 
 @torch.inference_mode()
@@ -514,7 +516,7 @@ def _predict(
     dataset: Any,
     batch_size: int,
     device: Union[str, torch.device, None],
-    settings: Any,
+    settings: Union[str, PostprocessSettings, None],
     progress: bool,
     workers: int,
 ) -> tuple[list[dict[str, Any]], list[int]]:
@@ -526,33 +528,31 @@ def _predict(
     Boxes are in the original image pixels (the data set's `target["orig_size"]`; an image a
     transform resized has its boxes scaled back) and labels are the data set's category ids.
     """
-    from m2det.inference.multiscale import detect_multiscale
     from m2det.progress import progress_bar
 
     base = base_dataset(dataset)
-    model = _resolve_model(model_or_detector)
-    _check_classes(model, base)
+    pipeline = _pipeline(model_or_detector, settings)
+    network = pipeline.network
+    if device is not None and isinstance(network, torch.nn.Module):
+        network.to(device)  # an ONNX Runtime network stays where it runs (the CPU)
+    _check_classes(network.config, base)
     categories = dataset_category_ids(base)
-    post = _postprocessor(model, model_or_detector, settings)
-    # a Detector brings its test-time scales and flip; a bare model runs itself once
-    scales = list(getattr(model_or_detector, "sizes", None) or [model.input_size])
-    flip = bool(getattr(model_or_detector, "flip", False))
-    if device is not None:
-        model.to(device)
-    device = model.pixel_means.device  # also for a model without parameters (an ONNX Runtime one)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_as_lists
     )
-    modes = {module: module.training for module in model.modules()}  # e.g. frozen BatchNorm in training
-    model.eval()
+    # every module back in its mode afterwards (e.g. frozen BatchNorm in training)
+    modules = list(network.modules()) if isinstance(network, torch.nn.Module) else []
+    modes = {module: module.training for module in modules}
+    for module in modules:
+        module.eval()
     results: list[dict[str, Any]] = []
     image_ids: list[int] = []
     seen: set[int] = set()
     try:
         with progress_bar(total=len(dataset), desc="eval", unit="img", enabled=progress) as bar:
             for images, targets in loader:
-                tensors = [torch.as_tensor(im).as_subclass(Tensor).to(device) for im in images]
-                outputs = detect_multiscale(model, post, tensors, scales, flip)
+                tensors = [torch.as_tensor(im).as_subclass(Tensor).to(network.device) for im in images]
+                outputs = pipeline(tensors)
                 for output, target, tensor in zip(outputs, targets, tensors):
                     image_id = int(target["image_id"])
                     if image_id in seen:  # an unreadable image came back as the next one: score it once
@@ -583,7 +583,7 @@ def evaluate(
     *,
     batch_size: int = 8,
     device: Union[str, torch.device, None] = None,
-    settings: Any = None,
+    settings: Union[str, PostprocessSettings, None] = None,
     progress: bool = True,
     workers: int = 0,
     max_images: Optional[int] = None,
@@ -592,10 +592,13 @@ def evaluate(
     """Run inference over `dataset` (or its first `max_images`) and score it (COCO + VOC metrics).
 
     `dataset`: a data set with `coco_gt()` (e.g. `m2det.data.build_dataset(..., keep_ignored=True)`),
-    untransformed or with a resizing transform, or a `Subset` of one. `settings`: post-processing
-    settings (a `PostprocessSettings` or "paper" / "official"); default: the detector's or model's
-    own. `voc_pixel_inclusive` defaults to True for VOC data sets. `device` moves the model there.
-    Every module is left in the train/eval mode it came in.
+    untransformed or with a resizing transform, or a `Subset` of one. `model_or_detector`: an
+    `M2Det` or any other `m2det.inference.Network` (the fast path, ONNX Runtime), or a `Detector` /
+    `DetectionPipeline` with its sizes, flip and settings. `settings`: post-processing (a
+    `PostprocessSettings` or "paper" / "official"); default: a detector's own, else "paper" (never
+    what `M2Det.set_postprocess` left on the model). `voc_pixel_inclusive` defaults to True for VOC
+    data sets. `device` moves a PyTorch model there. Every module is left in the train/eval mode it
+    came in.
     """
     base = base_dataset(dataset)
     if max_images is not None and max_images < len(dataset):

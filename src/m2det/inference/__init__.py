@@ -1,1 +1,7 @@
-"""Inference on real inputs: the `Detector` API, multi-scale testing, reading images and videos."""
+"""Inference on real inputs: the network seam (`Network`, one per runtime), the pipeline around
+it (`DetectionPipeline`), the `Detector` API, detection runs over files, reading images and videos."""
+
+from m2det.inference.network import Network, load_network
+from m2det.inference.pipeline import DetectionPipeline
+
+__all__ = ["DetectionPipeline", "Network", "load_network"]

@@ -3,13 +3,12 @@
     detector = m2det.Detector("m2det512.safetensors", device="cuda")
     result = detector("street.jpg")   # {"boxes", "scores", "labels", "label_names"}
 
-The network is the model's `forward_raw`, so another runtime (an `.onnx` file through ONNX
-Runtime) stands in for PyTorch while decoding, multi-scale merging and NMS stay the same.
+The network is a `m2det.inference.Network` (the PyTorch model, or an `.onnx` file run by ONNX
+Runtime) inside a `DetectionPipeline`, so decoding, multi-scale merging and NMS stay the same.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,13 +19,10 @@ from torch import Tensor
 
 from m2det.boxes.postprocess import PostProcessor, PostprocessSettings, get_settings
 from m2det.device import resolve_device
-from m2det.errors import FileFormatError, M2DetError
-from m2det.inference.multiscale import detect_multiscale
+from m2det.errors import M2DetError
+from m2det.inference.network import Network, load_network
+from m2det.inference.pipeline import DetectionPipeline
 from m2det.io.image import to_rgb_tensor
-from m2det.io.torchfile import is_torch_file
-from m2det.models.m2det import M2Det, pyramid_sizes
-
-DEFAULT_PRESET = "m2det320_vgg16"
 
 ImageInput = Union[str, Path, np.ndarray, Tensor, Any]  # Any: a PIL image
 
@@ -39,7 +35,8 @@ class Detector:
             Runtime), or an official `.pth` checkpoint (then `preset`
             names its architecture, e.g. "m2det512_vgg16"). None: RANDOM weights, with a warning.
         preset: the architecture for an official checkpoint or for random weights.
-        device: where the network runs ("cpu", "cuda", "cuda:1", ...).
+        device: where the network runs ("cpu", "cuda", "cuda:1", ...); an `.onnx` model runs on
+            the CPU.
         score_threshold: the lowest score a returned detection has, applied after NMS (soft-NMS
             lowers the scores of overlapping boxes, so a candidate above it can end below); it is
             also the candidate threshold before NMS. None: the settings' own (candidates above 0.05
@@ -70,27 +67,53 @@ class Detector:
         if batch_size < 1:
             raise M2DetError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
-        self.model = load_model_for_inference(weights, preset).to(self.device).eval()
         chosen = get_settings(settings)
         if score_threshold is not None:
             chosen = chosen.replace(score_threshold=float(score_threshold), min_score=float(score_threshold))
-        self.postprocessor = PostProcessor(
-            self.model.box_coder, chosen, categories=self.model.config.categories
-        )
-        self.sizes = [int(s) for s in sizes] if sizes else [self.model.input_size]
-        for size in self.sizes:
-            pyramid_sizes(self.model.config, size)  # raises a clear error for a size the net cannot take
-        self.flip = bool(flip)
+        network = load_network(weights, preset, self.device)
+        self.pipeline = DetectionPipeline(network, chosen, sizes=sizes, flip=flip)
         self.batch_size = int(batch_size)
 
     @property
+    def network(self) -> Network:
+        """What runs the network: the PyTorch `M2Det`, or an ONNX Runtime one for an `.onnx` file."""
+        return self.pipeline.network
+
+    @property
+    def model(self) -> Network:
+        """The network (`network`), by its older name: the `M2Det` for a PyTorch model file."""
+        return self.pipeline.network
+
+    @property
+    def postprocessor(self) -> PostProcessor:
+        return self.pipeline.postprocessor
+
+    @property
     def settings(self) -> PostprocessSettings:
-        return self.postprocessor.settings
+        return self.pipeline.settings
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.pipeline.sizes
+
+    @sizes.setter
+    def sizes(self, sizes: Sequence[int]) -> None:
+        for size in sizes:
+            self.pipeline.check_size(size)
+        self.pipeline.sizes = [int(s) for s in sizes]
+
+    @property
+    def flip(self) -> bool:
+        return self.pipeline.flip
+
+    @flip.setter
+    def flip(self, flip: bool) -> None:
+        self.pipeline.flip = bool(flip)
 
     @property
     def class_names(self) -> list[str]:
         """Foreground class names: label l is `class_names[l - 1]`."""
-        return self.model.config.categories[1:]
+        return self.network.config.categories[1:]
 
     def __call__(self, images: Union[ImageInput, Sequence[ImageInput]]) -> Union[dict, list[dict]]:
         if isinstance(images, Tensor) and images.dim() == 4:
@@ -104,58 +127,12 @@ class Detector:
         results: list[dict] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
+            device = self.network.device
             tensors = [
-                to_rgb_tensor(image, f"images[{start + i}]").to(self.device) for i, image in enumerate(chunk)
+                to_rgb_tensor(image, f"images[{start + i}]").to(device) for i, image in enumerate(chunk)
             ]
-            with torch.inference_mode():
-                outputs = detect_multiscale(self.model, self.postprocessor, tensors, self.sizes, self.flip)
+            outputs = self.pipeline(tensors)
             results += [
                 {k: v.cpu() if isinstance(v, Tensor) else v for k, v in out.items()} for out in outputs
             ]
         return results
-
-
-def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[str]) -> M2Det:
-    """Our model file, an official checkpoint with its preset, or random weights (with a warning)."""
-    from m2det.config import get_config
-    from m2det.models import build_model
-
-    if weights is None:
-        name = preset or DEFAULT_PRESET
-        warnings.warn(
-            f"no weights given: {name} has RANDOM weights, so its detections mean nothing. "
-            "Pass a .safetensors model file, or an official .pth with its preset.",
-            UserWarning,
-            stacklevel=3,
-        )
-        config = get_config(name)
-        config.backbone.weights = None
-        return build_model(config)
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".onnx":  # an `m2det export` file, run by ONNX Runtime
-        from m2det.deploy.onnx_backend import OnnxRuntimeM2Det
-
-        return OnnxRuntimeM2Det(path)
-    if path.suffix == ".safetensors":
-        from m2det.models.loading import load_model
-
-        model = load_model(path)
-        if preset is not None and preset != model.config.name:
-            raise M2DetError(
-                f"{path}: holds a {model.config.name} model, not {preset}; leave out the preset for .safetensors files"
-            )
-        return model
-    if not is_torch_file(path):
-        raise FileFormatError(
-            f"{path}: not a model file; expected our .safetensors model (from training or `m2det convert`), "
-            "an official M2Det .pth checkpoint (with its preset) or an .onnx file from `m2det export`"
-        )
-    if preset is None:
-        raise M2DetError(
-            f"{path}: an official checkpoint needs its preset (e.g. m2det512_vgg16) to know the architecture"
-        )
-    from m2det.models.loading import build_official_model
-
-    return build_official_model(path, preset)

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2det.boxes.anchors import AnchorGenerator, check_feature_sizes
@@ -15,6 +14,7 @@ from m2det.config import ModelConfig, get_config, with_overrides
 from m2det.models.backbones import build_backbone, feature_sizes_fn
 from m2det.models.head import M2DetHead
 from m2det.models.mlfpn import MLFPN, BasicConv
+from m2det.models.transform import normalize, pixel_means_tensor, resize_and_normalize
 
 
 def pyramid_sizes(config: ModelConfig, input_size: Optional[int] = None) -> list[int]:
@@ -26,8 +26,15 @@ def pyramid_sizes(config: ModelConfig, input_size: Optional[int] = None) -> list
     return sizes
 
 
+def config_anchors(config: ModelConfig, input_size: Optional[int] = None) -> Tensor:
+    """Anchors `[A, 4]` (cx, cy, w, h; normalised) of a config for a square input of `input_size`
+    (default: the config's), in the official order; no network is built."""
+    size = int(input_size or config.input_size)
+    return AnchorGenerator(config.anchors, config.input_size)(size, pyramid_sizes(config, size))
+
+
 class M2Det(nn.Module):
-    """The M2Det detector.
+    """The M2Det detector; also the eager PyTorch runtime of the `m2det.inference.Network` seam.
 
     * `forward_raw(x)`: a batch already in the official convention (BGR, minus the means, 0..255)
       -> `(loc [N, A, 4], logits [N, A, C])` in the official anchor order.
@@ -51,11 +58,9 @@ class M2Det(nn.Module):
         )
         self.anchor_generator = AnchorGenerator(config.anchors, config.input_size)
         self.box_coder = BoxCoder(config.anchors.variances)
-        self.register_buffer(
-            "pixel_means", torch.tensor(config.pixel_means).view(1, 3, 1, 1), persistent=False
-        )
+        self.register_buffer("pixel_means", pixel_means_tensor(config.pixel_means), persistent=False)
         self.loss_fn: Any = None  # built on first use, see `compute_loss`
-        self.postprocessor: Any = None  # built on first use, see `postprocess`
+        self.postprocessor: Any = None  # for `forward` alone: see `set_postprocess`
         self.transfer_report: Any = None  # set by `build_model(weights=...)`
         self._init_weights()
 
@@ -82,10 +87,23 @@ class M2Det(nn.Module):
         """The square input the model runs at by default (an exported graph may fix another)."""
         return self.config.input_size
 
+    # ----- what a runtime tells (the `m2det.inference.Network` seam) -----
+    fixed_input_size: Optional[int] = None  # eager PyTorch runs at any size the pyramid allows
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs and its input batch must be (also without parameters)."""
+        return self.pixel_means.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the input batch the network takes."""
+        return self.pixel_means.dtype
+
     def anchors(self, input_size: Optional[int] = None) -> Tensor:
         """Anchors `[A, 4]` (cx, cy, w, h), normalised, for a square input of `input_size`."""
         size = int(input_size or self.input_size)
-        return self.anchor_generator(size, pyramid_sizes(self.config, size))
+        return self.anchor_generator(size, pyramid_sizes(self.config, size))  # cached per size
 
     def anchor_level_sizes(self, input_size: Optional[int] = None) -> list[int]:
         """How many of `anchors(input_size)` each pyramid level holds, largest level first."""
@@ -100,24 +118,13 @@ class M2Det(nn.Module):
 
     def normalize(self, images: Tensor) -> Tensor:
         """RGB in [0, 1], [N, 3, H, W] -> the official convention (BGR, 0..255 minus the means)."""
-        return images.flip(1) * 255.0 - self.pixel_means.to(images.dtype)
+        return normalize(images, self.pixel_means)
 
     def preprocess(
         self, images: Sequence[Tensor], input_size: Optional[int] = None
     ) -> tuple[Tensor, list[tuple[int, int]]]:
         """Resize each CHW RGB image to the square input and normalise; also return original sizes."""
-        size = int(input_size or self.input_size)
-        batch, sizes = [], []
-        for i, image in enumerate(images):
-            if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
-                shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-                raise ValueError(f"images[{i}]: expected a CHW tensor with 3 channels, got {shape}")
-            image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-            sizes.append((int(image.shape[1]), int(image.shape[2])))
-            if image.shape[1:] != (size, size):
-                image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-            batch.append(image)
-        return self.normalize(torch.stack(batch).to(self.pixel_means.device)), sizes
+        return resize_and_normalize(images, int(input_size or self.input_size), self.pixel_means)
 
     def forward(
         self,
@@ -158,12 +165,15 @@ class M2Det(nn.Module):
     def postprocess(
         self, loc: Tensor, logits: Tensor, anchors: Tensor, sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
+        """Eval-mode `forward`'s post-processing: the paper's unless `set_postprocess` chose other."""
         if self.postprocessor is None:
             self.set_postprocess("paper")
         return self.postprocessor(loc, logits, anchors, sizes)
 
     def set_postprocess(self, settings: Any = "paper") -> None:
-        """Choose the eval-mode post-processing: "paper", "official" or a `PostprocessSettings`."""
+        """Deprecated convenience: the post-processing of eval-mode `forward` only ("paper",
+        "official" or a `PostprocessSettings`). Nothing else reads it: `Detector`, evaluation and
+        `m2det.inference.DetectionPipeline` take their settings explicitly."""
         from m2det.boxes.postprocess import PostProcessor
 
         self.postprocessor = PostProcessor(self.box_coder, settings, categories=self.config.categories)
