@@ -53,6 +53,10 @@ class MLFPNConfig:
     deep_out: int = 512  # FFMv1 `up_reduce` output channels (fixed in the official code)
 
 
+# the official 320 steps (with the default size_pattern); ints as there, so a written default shows 8, not 8.0
+_OFFICIAL_STEPS_320: list[float] = [8, 16, 32, 64, 107, 320]
+
+
 @dataclass
 class AnchorConfig:
     """SSD prior boxes: sizes are fractions of the input side, `steps` in pixels.
@@ -62,7 +66,7 @@ class AnchorConfig:
     """
 
     size_pattern: list[float] = field(default_factory=lambda: [0.08, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05])
-    steps: Optional[list[float]] = field(default_factory=lambda: [8, 16, 32, 64, 107, 320])
+    steps: Optional[list[float]] = field(default_factory=lambda: _OFFICIAL_STEPS_320.copy())
     aspect_ratios: list[float] = field(default_factory=lambda: [2.0, 3.0])
     clip: bool = True
     variances: tuple[float, float] = (0.1, 0.2)

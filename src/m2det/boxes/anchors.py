@@ -51,7 +51,7 @@ class AnchorGenerator:
         sizes = [round(p * image_size, 2) for p in cfg.size_pattern]
         per_scale = []
         for k, f in enumerate(feature_sizes):
-            step = cfg.steps[k] if use_steps else image_size / f
+            step = cfg.steps[k] if use_steps and cfg.steps is not None else image_size / f
             f_k = image_size / step
             idx = torch.arange(f, dtype=torch.float64)
             cy, cx = torch.meshgrid((idx + 0.5) / f_k, (idx + 0.5) / f_k, indexing="ij")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -180,8 +180,8 @@ class PostProcessor:
         num_labels = int(found.labels.max()) + 1 if found.labels.numel() else 1
         groups = found.image_index * num_labels + found.labels
         if s.pre_nms_top_k is not None:
-            kept = top_k_per_group(found.scores, groups, s.pre_nms_top_k).nonzero().squeeze(1)
-            found, groups = found.take(kept), groups.index_select(0, kept)
+            top = top_k_per_group(found.scores, groups, s.pre_nms_top_k).nonzero().squeeze(1)
+            found, groups = found.take(top), groups.index_select(0, top)
         offset = 1.0 if s.plus_one else 0.0
         if s.nms == "hard":
             # IoU with "+1" areas equals the plain IoU of boxes grown by one pixel at x2, y2
@@ -221,7 +221,7 @@ class PostProcessor:
             if self.settings.cap_keeps_ties:
                 cap = int((found.scores >= found.scores[cap - 1]).sum())
             found = found.take(torch.arange(cap, device=found.scores.device))
-        result = {"boxes": found.boxes, "scores": found.scores, "labels": found.labels}
+        result: dict[str, Any] = {"boxes": found.boxes, "scores": found.scores, "labels": found.labels}
         if self.categories is not None:
             result["label_names"] = [self.categories[label] for label in found.labels.tolist()]
         return result

@@ -77,6 +77,7 @@ def export(
     else:
         from m2det.deploy.quantize import calibration_reader, quantize_onnx
 
+        assert calib_data is not None  # --int8 without it was refused above
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = Path(tmp) / "fp32.onnx"
             report = export_onnx(model, fp32, input_size=size, nms=graph_nms, check=check)

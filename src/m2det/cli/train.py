@@ -139,10 +139,10 @@ def train(
             data_args = resolve_data_args(given, stored)
             if not data_args["data"]:
                 raise M2DetError(f"--resume {resume}: {run_dir / ARGS_FILE} is missing; give --data again")
-            checkpoint = load_checkpoint(run_dir)
-            model_config = read_config(checkpoint.model_path)
+            last = load_checkpoint(run_dir)  # the run's own; `checkpoint` below is a detector to start from
+            model_config = read_config(last.model_path)
             model_config.backbone.weights = None  # the checkpoint holds the trained backbone
-            train_config = TrainConfig.from_dict(checkpoint.state["train_config"])
+            train_config = TrainConfig.from_dict(last.state["train_config"])
         else:
             if not data:
                 raise M2DetError("--data is required (a COCO .json, a Pascal VOC folder or a YOLO data.yaml)")
@@ -294,7 +294,7 @@ def load_configs(
 
     data = read_yaml_mapping(path) if path is not None else {}
     has_model = bool(data) and ("model" in data or "train" not in data)
-    base = ModelConfig.from_mapping(data, path) if has_model else None
+    base = ModelConfig.from_mapping(data, path) if has_model and path is not None else None
     if checkpoint is not None:
         from m2det.io.transfer import finetune_config
 

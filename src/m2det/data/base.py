@@ -382,7 +382,8 @@ class DetectionDataset(Dataset):
         if self._coco_gt is None:
             from pycocotools.coco import COCO
 
-            images, annotations = [], []
+            images: list[dict[str, Any]] = []
+            annotations: list[dict[str, Any]] = []
             for record in self.records:
                 info = record.info
                 images.append(

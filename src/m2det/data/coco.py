@@ -128,21 +128,21 @@ class CocoDetection(DetectionDataset):
         images: dict[int, tuple[str, int, int]] = {}
         for k, image in enumerate(data["images"]):
             try:
-                image_id, *entry = _image_entry(image, k)
+                image_id, file_name, width, height = _image_entry(image, k)
             except MalformedAnnotation as exc:
                 report.add(path, str(exc), IMAGE_ACTION_DROPPED)
                 continue
             if image_id in images:
                 report.add(path, f"images[{k}] repeats image id {image_id}", IMAGE_ACTION_DROPPED)
                 continue
-            images[image_id] = tuple(entry)  # type: ignore[assignment]
+            images[image_id] = (file_name, width, height)
         by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for k, annotation in enumerate(data["annotations"]):
             if not isinstance(annotation, dict) or annotation.get("image_id") not in images:
-                image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+                referred = annotation.get("image_id") if isinstance(annotation, dict) else None
                 report.add(
                     path,
-                    f"annotations[{k}] refers to image id {image_id!r}, not in 'images'",
+                    f"annotations[{k}] refers to image id {referred!r}, not in 'images'",
                     ANNOTATION_ACTION_IGNORED,
                 )
                 continue

@@ -547,7 +547,8 @@ def _write_split(split_dir: Path, config: ShapesConfig, split: str, count: int, 
         extension, params = ".jpg", [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality]
     else:
         extension, params = ".png", [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for index in range(count):
         sample = render_sample(config, split, index)
         file_name = f"{index:06d}{extension}"
@@ -560,6 +561,7 @@ def _write_split(split_dir: Path, config: ShapesConfig, split: str, count: int, 
             {"id": image_id, "file_name": file_name, "width": config.width, "height": config.height}
         )
         for obj in sample.annotations:
+            assert obj.box is not None  # annotated objects are visible (min_visible > 0), so boxed
             x0, y0, x1, y1 = obj.box  # inclusive pixel indices; COCO boxes cover whole pixels
             annotations.append(
                 {

@@ -8,6 +8,8 @@ once, in place, and so stay shared.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,6 +39,12 @@ def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale.detach(), shift.detach()
 
 
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's kernel_size/stride/padding/dilation (typed as any length) as the pair it is."""
+    first, second = values
+    return first, second
+
+
 class AffineInputConv2d(nn.Module):
     """`conv(scale * x + shift)` for a per-input-channel affine map, with the map folded into the conv.
 
@@ -45,6 +53,8 @@ class AffineInputConv2d(nn.Module):
     off. That position-dependent contribution is the conv of a one-channel map of ones with the
     shift-weighted kernel summed over input channels: exact, and 1/C of the conv's cost.
     """
+
+    shift_kernel: Tensor  # a buffer
 
     def __init__(self, conv: nn.Conv2d, scale: Tensor, shift: Tensor):
         super().__init__()
@@ -56,22 +66,23 @@ class AffineInputConv2d(nn.Module):
         self.conv = nn.Conv2d(
             conv.in_channels,
             conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
+            _pair(conv.kernel_size),
+            _pair(conv.stride),
+            _pair(conv.padding),
+            _pair(conv.dilation),
             bias=conv.bias is not None,
         ).to(weight.device, weight.dtype)
         with torch.no_grad():
             self.conv.weight.copy_(weight * scale.view(1, -1, 1, 1))
-            if conv.bias is not None:
+            if conv.bias is not None and self.conv.bias is not None:  # both or neither have one
                 self.conv.bias.copy_(conv.bias)
         self.register_buffer("shift_kernel", (weight * shift.view(1, -1, 1, 1)).sum(1, keepdim=True))
 
     def forward(self, x: Tensor) -> Tensor:
         ones = torch.ones((1, 1, x.shape[-2], x.shape[-1]), dtype=x.dtype, device=x.device)
+        padding = cast("tuple[int, ...]", self.conv.padding)  # numeric: __init__ refuses string padding
         shift_term = F.conv2d(
-            ones, self.shift_kernel.to(x.dtype), None, self.conv.stride, self.conv.padding, self.conv.dilation
+            ones, self.shift_kernel.to(x.dtype), None, self.conv.stride, padding, self.conv.dilation
         )
         return self.conv(x) + shift_term
 
@@ -94,14 +105,16 @@ def _fold_named_pairs(module: nn.Module, pairs: tuple[tuple[str, str], ...]) -> 
 
 def _fold_pyramid_norm(model: nn.Module) -> int:
     """MLFPN's `norm` (scale 0 only) into the scale-0 loc and conf heads, its only consumers."""
-    norm = getattr(getattr(model, "mlfpn", None), "norm", None)
+    # duck-typed: an M2Det, or any network laid out as one (mlfpn.norm, head.loc, head.conf)
+    mlfpn: Any = getattr(model, "mlfpn", None)
+    norm = getattr(mlfpn, "norm", None)
     if not isinstance(norm, nn.BatchNorm2d):
         return 0
     scale, shift = batchnorm_affine(norm)
-    head = model.head
+    head: Any = model.head
     head.loc[0] = AffineInputConv2d(head.loc[0], scale, shift)
     head.conf[0] = AffineInputConv2d(head.conf[0], scale, shift)
-    model.mlfpn.norm = nn.Identity()
+    mlfpn.norm = nn.Identity()
     return 1
 
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from m2det.engine.train import TrainingRun
+    from m2det.models.m2det import M2Det
+
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
 
 
 class Callback:
@@ -78,7 +81,7 @@ class EarlyStopping(Callback):
             )
 
 
-class ModelEMA:
+class ModelEMA(Generic[_ModuleT]):
     """An exponential moving average of a model's parameters, as ultralytics' `ModelEMA`.
 
     After the n-th update, `ema = d * ema + (1 - d) * model` with `d = decay * (1 - exp(-n / tau))`:
@@ -86,14 +89,12 @@ class ModelEMA:
     (BatchNorm running statistics) are copied from the model, not averaged.
     """
 
-    def __init__(
-        self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0
-    ) -> None:
+    def __init__(self, model: _ModuleT, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         if tau <= 0:
             raise ValueError(f"EMA tau must be > 0 updates, got {tau}")
-        self.module = copy.deepcopy(model).eval()
+        self.module: _ModuleT = copy.deepcopy(model).eval()
         for param in self.module.parameters():
             param.requires_grad_(False)
         self.decay, self.tau, self.updates = float(decay), float(tau), int(updates)
@@ -124,7 +125,7 @@ class EMA(Callback):
     def __init__(self, decay: float = 0.9999, tau: float = 2000.0) -> None:
         self.decay, self.tau = decay, tau
         self.updates = 0
-        self.ema: Optional[ModelEMA] = None
+        self.ema: Optional[ModelEMA[M2Det]] = None
 
     def on_train_start(self, run: TrainingRun) -> None:
         self.ema = ModelEMA(run.model, self.decay, self.tau, self.updates)
@@ -153,6 +154,7 @@ class CloseMosaic(Callback):
         self.epochs = int(epochs)
 
     def on_epoch_start(self, run: TrainingRun) -> None:
-        mixing = getattr(run.train_set, "enabled", None)
+        train_set: Any = run.train_set  # any data set with an `enabled` switch (`MosaicMixup`)
+        mixing = getattr(train_set, "enabled", None)
         if mixing is not None:
-            run.train_set.enabled = run.position < run.config.epochs - self.epochs
+            train_set.enabled = run.position < run.config.epochs - self.epochs

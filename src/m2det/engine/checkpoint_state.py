@@ -25,7 +25,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from m2det.errors import FileFormatError
 from m2det.io.atomic import remove_temporaries, write_bytes_atomic
 from m2det.io.checkpoint import read_metadata, save_model
 from m2det.io.torchfile import read_torch_file
+
+if TYPE_CHECKING:  # for annotations only
+    from m2det.models.m2det import M2Det
 
 PathLike = Union[str, Path]
 
@@ -56,7 +59,9 @@ class Checkpoint:
 
 def capture_rng_state() -> dict[str, Any]:
     """This process's random generators (Python, NumPy, torch CPU and CUDA) as plain values."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()
+    assert isinstance(numpy_state, tuple)  # the legacy form, which np.random's global MT19937 gives
+    kind, keys, pos, has_gauss, cached = numpy_state
     return {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
@@ -97,7 +102,7 @@ def load_training_state(path: PathLike) -> dict[str, Any]:
 
 def save_checkpoint(
     run_dir: PathLike,
-    model: torch.nn.Module,
+    model: M2Det,
     state: dict[str, Any],
     extra: dict[str, Any],
     config: Optional[ModelConfig] = None,
@@ -182,7 +187,7 @@ def remove_stale_files(run_dir: PathLike) -> list[Path]:
     return removed + _remove_states(run_dir, keep)
 
 
-def _remove_states(run_dir: Path, keep: Optional[str]) -> list[Path]:
+def _remove_states(run_dir: PathLike, keep: Optional[str]) -> list[Path]:
     """Delete the folder's state files other than `keep`."""
     removed = []
     for path in Path(run_dir).iterdir():

@@ -7,12 +7,15 @@ rebuilds the same parameter groups and freezes the same parts at the same epochs
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from m2det.engine.train_config import TrainConfig
 from m2det.errors import ConfigError
+
+if TYPE_CHECKING:  # for annotations only
+    from m2det.models.m2det import M2Det
 
 
 def _matches(name: str, prefix: str) -> bool:
@@ -80,7 +83,7 @@ def backbone_frozen(config: TrainConfig, epoch: int) -> bool:
     return n == -1 or epoch < n
 
 
-def set_backbone_trainable(model: nn.Module, trainable: bool) -> bool:
+def set_backbone_trainable(model: M2Det, trainable: bool) -> bool:
     """Turn the backbone's gradients on or off; True when anything changed."""
     changed = False
     for param in model.backbone.parameters():
@@ -96,7 +99,7 @@ def _batchnorms_eval(module: nn.Module) -> None:
             m.eval()
 
 
-def prepare_epoch(model: nn.Module, config: TrainConfig, epoch: int) -> bool:
+def prepare_epoch(model: M2Det, config: TrainConfig, epoch: int) -> bool:
     """Training mode for `epoch` with the configured parts frozen; True when the set of parameters
     that take gradients changed (a DDP wrapper must then be rebuilt).
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from m2det.errors import ConfigError, M2DetError
 from m2det.io.atomic import atomic_path
 from m2det.io.checkpoint import load_weights, save_model
 from m2det.progress import progress_bar
+
+if TYPE_CHECKING:  # for annotations only
+    from m2det.models.m2det import M2Det
 
 PathLike = Union[str, Path]
 
@@ -139,7 +142,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: M2Det,
         config: TrainConfig,
         train_set: Dataset,
         val_set: Optional[Dataset] = None,
@@ -226,7 +229,7 @@ class TrainingRun:
         self.device = device
         self.config = trainer.config
         self.model = trainer.model
-        self.eval_model: nn.Module = trainer.model
+        self.eval_model: M2Det = trainer.model  # the model validated and saved (an EMA's average)
         self.train_set = trainer.train_set
         self.run_dir = trainer.run_dir
         self.clock = trainer.clock
@@ -382,7 +385,7 @@ class TrainingRun:
         config, info = self.config, self.info
         per_process = config.batch_size // info.world_size
         self.train_set = config.wrap_train_set(self.trainer.train_set)
-        self.sampler = DistributedSampler(
+        self.sampler: DistributedSampler[Any] = DistributedSampler(
             self.train_set,
             num_replicas=info.world_size,
             rank=info.rank,

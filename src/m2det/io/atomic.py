@@ -81,7 +81,7 @@ def write_bytes_atomic(path: Union[str, Path], data: Union[bytes, memoryview]) -
     return path
 
 
-def is_temporary(path: Union[str, Path]) -> bool:
+def is_temporary(path: Union[str, os.PathLike[str]]) -> bool:
     """Whether `path` has the name of an `atomic_path` temporary."""
     return _TEMP_NAME.fullmatch(Path(path).name) is not None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from safetensors import safe_open
@@ -19,11 +19,14 @@ from m2det.errors import FileFormatError
 from m2det.io.atomic import write_bytes_atomic
 from m2det.io.torchfile import shared_state_groups
 
+if TYPE_CHECKING:  # models imports io: a run-time import would be a cycle
+    from m2det.models.m2det import M2Det
+
 FORMAT = "m2det"
 
 
 def save_model(
-    model: torch.nn.Module,
+    model: M2Det,
     path: Union[str, Path],
     extra: Union[dict[str, Any], None] = None,
     config: Union[ModelConfig, None] = None,

@@ -12,13 +12,16 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor, nn
 
 from m2det.errors import FileFormatError, M2DetError
 from m2det.io.torchfile import as_state_dict, load_state_dict_file, shared_state_groups
+
+if TYPE_CHECKING:  # models imports io: a run-time import would be a cycle
+    from m2det.models.m2det import M2Det
 
 # Backbones of the authors' released configurations; their layouts are `official_layouts/<name>.tsv`.
 OFFICIAL_BACKBONES = ("vgg16", "resnet101")
@@ -123,7 +126,7 @@ def _describe(keys: list[str], limit: int = 20) -> str:
 
 
 def convert_official_state_dict(
-    state: dict[str, Tensor], model: nn.Module
+    state: dict[str, Tensor], model: M2Det
 ) -> tuple[dict[str, Tensor], LoadReport, list[str]]:
     """Rename an official state dict for `model`; also return shape mismatches as messages."""
     backbone = model.config.backbone.name
@@ -178,7 +181,7 @@ def _check_shared(model: nn.Module, renamed: dict[str, Tensor]) -> None:
                 )
 
 
-def _hint(state: dict[str, Tensor], model: nn.Module, mismatched: list[str]) -> str:
+def _hint(state: dict[str, Tensor], model: M2Det, mismatched: list[str]) -> str:
     """The likely cause of a checkpoint not fitting: another backbone, or another class count."""
     from m2det.config import get_config, list_presets
 
@@ -196,7 +199,7 @@ def _hint(state: dict[str, Tensor], model: nn.Module, mismatched: list[str]) -> 
 
 
 def load_official(
-    model: nn.Module,
+    model: M2Det,
     source: Union[str, Path, dict[str, Tensor]],
     strict: bool = True,
     where: Union[str, None] = None,

@@ -20,14 +20,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from m2det.config import ModelConfig, get_config, with_overrides
 from m2det.errors import FileFormatError, M2DetError
 from m2det.io.torchfile import as_state_dict, load_state_dict_file, shared_state_groups
+
+if TYPE_CHECKING:  # models imports io: a run-time import would be a cycle
+    from m2det.models.m2det import M2Det
 
 Source = Union[str, Path, dict[str, Tensor], "Checkpoint"]
 
@@ -141,12 +144,12 @@ def finetune_config(
     anchors' steps are not overridden, the steps are derived from the feature maps, which is how
     the checkpoint's model lays out its anchors at any size other than its own.
     """
-    if base is None and checkpoint.config is None:
+    config = base if base is not None else checkpoint.config
+    if config is None:
         raise FileFormatError(
             f"{checkpoint.where}: holds no model configuration; give the preset it was trained as "
             "(e.g. --preset m2det512_vgg16, or build_model('m2det512_vgg16', weights=...))"
         )
-    config = base if base is not None else checkpoint.config
     overrides = dict(overrides)
     if overrides.get("class_names") is not None and "num_classes" not in overrides:
         overrides["num_classes"] = len(overrides["class_names"]) + 1
@@ -251,7 +254,7 @@ def match_classes(
     Names match ignoring case, and spaces, `_` and `-` alike; `class_map` (model name ->
     checkpoint name) adds or overrides pairs, e.g. ``{"motorbike": "motorcycle"}``.
     """
-    index = {}
+    index: dict[str, int] = {}
     for label, name in enumerate(checkpoint_names, start=1):
         index.setdefault(_norm(name), label)
     explicit = {_norm(k): _norm(v) for k, v in (class_map or {}).items()}
@@ -306,7 +309,7 @@ def _listed(items: Sequence[str], limit: int = 8) -> str:
 
 
 def transfer_weights(
-    model: nn.Module,
+    model: M2Det,
     source: Source,
     *,
     class_map: Optional[dict[str, str]] = None,
@@ -400,7 +403,12 @@ def transfer_weights(
     else:
         pairs = {}
         report.note = "class names unknown on one side: only the background rows are carried over"
-    if pairs is not None and len(pairs) == c_new - 1 == c_old - 1 and all(k == v for k, v in pairs.items()):
+    if (
+        pairs is not None
+        and c_old is not None
+        and len(pairs) == c_new - 1 == c_old - 1
+        and all(k == v for k, v in pairs.items())
+    ):
         pairs = None  # every class in place: a plain copy
 
     with torch.no_grad():

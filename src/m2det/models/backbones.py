@@ -49,6 +49,7 @@ class VGG16Reduced(nn.Module):
         for layer in layers:
             if isinstance(layer, nn.Conv2d):
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                assert layer.bias is not None  # make_layers builds its convolutions with biases
                 nn.init.zeros_(layer.bias)
         layers[16] = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         layers += [

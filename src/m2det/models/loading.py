@@ -11,18 +11,16 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from m2det.classes import COCO_CLASSES
 from m2det.config import get_config
 from m2det.io.checkpoint import load_weights, read_config
 from m2det.io.official import load_official, official_num_classes, read_official_state
-from m2det.models.m2det import build_model
+from m2det.models.m2det import M2Det, build_model
 
 
-def load_model(
-    path: Union[str, Path], device: Union[str, torch.device] = "cpu", **overrides: Any
-) -> torch.nn.Module:
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu", **overrides: Any) -> M2Det:
     """Rebuild the model saved at `path` and load its weights (strict)."""
     config = read_config(path)
     config.backbone.weights = None  # the file holds the trained backbone
@@ -31,9 +29,7 @@ def load_model(
     return model.to(device)
 
 
-def build_official_model(
-    source: Union[str, Path, dict[str, Tensor]], preset: str, **overrides: Any
-) -> nn.Module:
+def build_official_model(source: Union[str, Path, dict[str, Tensor]], preset: str, **overrides: Any) -> M2Det:
     """An M2Det of `preset` with the class count and SFAM the official checkpoint implies, loaded.
 
     A COCO checkpoint (81 classes) gets the COCO class names. `overrides` go to `get_config`

@@ -30,7 +30,9 @@ def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> Fa
 
     def run_detector(image: Tensor) -> dict[str, Any]:
         with lock:
-            return detector(image)
+            result = detector(image)
+        assert isinstance(result, dict)  # one CHW image in, one result out
+        return result
 
     @app.get("/health")
     def health() -> dict[str, str]:

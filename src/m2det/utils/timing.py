@@ -62,8 +62,18 @@ class Stopwatch:
         for _ in range(repeats):
             for name, fn in fns.items():
                 n = calls.get(name, 1)
-                seconds[name].append(self(lambda fn=fn, n=n: [fn() for _ in range(n)]) / n)
+                seconds[name].append(self(_repeated(fn, n)) / n)
         return {name: Timing.of(values) for name, values in seconds.items()}
+
+
+def _repeated(fn: Callable[[], Any], n: int) -> Callable[[], None]:
+    """`fn` called `n` times in a row."""
+
+    def run() -> None:
+        for _ in range(n):
+            fn()
+
+    return run
 
 
 __all__ = ["Stopwatch", "Timing"]
