@@ -104,6 +104,8 @@ class DetectionGraph(nn.Module):
     Built from a copy of `model` with its BatchNorms folded (`model` is untouched).
     """
 
+    anchors: Tensor  # a buffer: the input size's anchors [A, 4]
+
     def __init__(self, model: M2Det, input_size: Optional[int] = None, fold_batchnorm: bool = True):
         super().__init__()
         if not isinstance(model, M2Det):  # another runtime (optimised, ONNX Runtime) has no graph to trace

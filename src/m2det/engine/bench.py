@@ -15,6 +15,7 @@ own output). The stopwatch is `m2det.utils.timing`'s, the memory probe `m2det.ut
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import tempfile
@@ -241,7 +242,7 @@ def _measure(settings: BenchSettings, log: Callable[[str], None]) -> dict[str, A
         for _ in range(max(1, settings.warmup)):
             network(xb)
         peak = memory.peak_mb()
-        fns = {"network": lambda xb=xb: network(xb)}
+        fns: dict[str, Callable[[], Any]] = {"network": functools.partial(network, xb)}
         if ref_run is not None:
             ref_run()
             fns["reference"] = ref_run

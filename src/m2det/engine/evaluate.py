@@ -558,7 +558,8 @@ def _predict(
                     if image_id in seen:  # an unreadable image came back as the next one: score it once
                         continue
                     seen.add(image_id)
-                    results.extend(_to_coco(output, target, tuple(tensor.shape[-2:]), categories))
+                    size = (int(tensor.shape[-2]), int(tensor.shape[-1]))
+                    results.extend(_to_coco(output, target, size, categories))
                     image_ids.append(image_id)
                 bar.update(len(images))
     finally:

@@ -32,7 +32,11 @@ BACKENDS = ("pytorch", "onnxruntime")
 class Network(Protocol):
     """A runtime of the M2Det network: what the pipeline around it needs to know, and the call."""
 
-    config: ModelConfig  # geometry, classes, input means: what preprocessing and decoding follow
+    @property
+    def config(self) -> ModelConfig:
+        """Geometry, classes, input means: what preprocessing and decoding follow."""
+        ...
+
     fixed_input_size: Optional[int]  # the one square size it runs at (an exported graph), None: any
 
     @property

@@ -159,7 +159,7 @@ class DetectRun:
             if self.save:
                 if writer is None:
                     height, width = frame.shape[-2:]
-                    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+                    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
                     if not writer.isOpened():
                         raise M2DetError(f"{path}: OpenCV cannot write mp4v video here; use --no-save")
                 writer.write(self._draw(frame, result))

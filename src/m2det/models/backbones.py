@@ -30,7 +30,14 @@ def _half_ceil(n: int) -> int:
     return math.ceil(n / 2)
 
 
-class VGG16Reduced(nn.Module):
+class Backbone(nn.Module):
+    """What the MLFPN needs of a backbone: `forward(x) -> (shallow, deep)` and their channel counts."""
+
+    shallow_channels: int
+    deep_channels: int
+
+
+class VGG16Reduced(Backbone):
     """SSD's VGG16-reduced: torchvision's VGG16 convs, ceil-mode pool3, pool5 3x3/s1, dilated conv6, conv7.
 
     `features` keeps the official layer indices 0..34 so that `base.N` keys map one to one.
@@ -72,7 +79,7 @@ class VGG16Reduced(nn.Module):
         return s8, _half_floor(s8)
 
 
-class ResNet101(nn.Module):
+class ResNet101(Backbone):
     """torchvision's ResNet-101 with layer3 at stride 1 (the official variant): layer2 and layer4 out."""
 
     shallow_channels = 512
@@ -98,7 +105,7 @@ class ResNet101(nn.Module):
         return s8, _half_ceil(s8)
 
 
-class TinyBackbone(nn.Module):
+class TinyBackbone(Backbone):
     """A light VGG-style stack with BatchNorm, for demos and tests that train on a CPU in minutes."""
 
     def __init__(self, width: int = 32) -> None:
@@ -131,16 +138,16 @@ class TinyBackbone(nn.Module):
         return VGG16Reduced.feature_sizes(n)
 
 
-BACKBONES: dict[str, type[nn.Module]] = {"vgg16": VGG16Reduced, "resnet101": ResNet101, "tiny": TinyBackbone}
+BACKBONES: dict[str, type[Backbone]] = {"vgg16": VGG16Reduced, "resnet101": ResNet101, "tiny": TinyBackbone}
 
 
-def backbone_class(name: str) -> type[nn.Module]:
+def backbone_class(name: str) -> type[Backbone]:
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
     return BACKBONES[name]
 
 
-def build_backbone(config: BackboneConfig) -> nn.Module:
+def build_backbone(config: BackboneConfig) -> Backbone:
     cls = backbone_class(config.name)
     backbone = cls(config.width) if cls is TinyBackbone else cls()
     if config.weights:

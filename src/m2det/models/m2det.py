@@ -44,6 +44,8 @@ class M2Det(nn.Module):
       image's pixels, `scores` and `labels`.
     """
 
+    pixel_means: Tensor  # a buffer: [1, 3, 1, 1], BGR order
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
