@@ -15,6 +15,7 @@ from torchvision.ops import nms
 from typer.testing import CliRunner
 
 import m2det
+import train_helpers
 from m2det.cli.main import app
 from m2det.config import ModelConfig
 from m2det.deploy.export import GraphNMS, export_onnx, export_torchscript, read_torchscript_metadata
@@ -25,14 +26,7 @@ NMS = GraphNMS(score_threshold=0.3, iou_threshold=0.5, max_per_class=10)
 
 
 def trained_like(seed: int = 0) -> m2det.M2Det:
-    """m2det_tiny with BatchNorm statistics that are not the identity, as after training."""
-    model = m2det.build_model("m2det_tiny", num_classes=4, class_names=CLASSES)
-    g = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(torch.rand(module.num_features, generator=g) - 0.5)
-            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
-    return model.eval()
+    return train_helpers.trained_like(CLASSES, seed)
 
 
 def images(model: m2det.M2Det, n: int, seed: int) -> torch.Tensor:

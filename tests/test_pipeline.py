@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import m2det
+import train_helpers
 from m2det.boxes.postprocess import OFFICIAL, PAPER
 from m2det.deploy import optimize_for_inference
 from m2det.inference import DetectionPipeline, Network
@@ -16,15 +16,7 @@ CLASSES = ["Platelets", "RBC", "WBC"]  # BCCD's, for evaluation on it
 
 
 def trained_like(seed: int = 0) -> m2det.M2Det:
-    """m2det_tiny with BatchNorm statistics that are not the identity, as after training."""
-    torch.manual_seed(seed)
-    model = m2det.build_model("m2det_tiny", num_classes=4, class_names=CLASSES)
-    g = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(torch.rand(module.num_features, generator=g) - 0.5)
-            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
-    return model.eval()
+    return train_helpers.trained_like(CLASSES, seed)
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,19 @@ class ToyBoxes(torch.utils.data.Dataset):
         return tv_tensors.Image(image), target
 
 
+def trained_like(class_names: list[str], seed: int = 0) -> torch.nn.Module:
+    """m2det_tiny (320 px) with BatchNorm statistics that are not the identity, as after training:
+    what folding, export and the other runtimes must reproduce."""
+    torch.manual_seed(seed)
+    model = build_model("m2det_tiny", num_classes=len(class_names) + 1, class_names=list(class_names))
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.rand(module.num_features, generator=g) - 0.5)
+            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
 def weights(model: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
