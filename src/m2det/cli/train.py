@@ -92,6 +92,9 @@ def train(
       m2det train --data my.yaml --weights best.safetensors --set lr=4e-3
       m2det train --resume runs/train/exp3
       m2det train --resume runs/train/exp3 --data /new/place/of/photos/
+      m2det train --data photos/ --model m2det_tiny --time 15 --set train.preset=paper
+
+    The training recipe is the adamw_cosine preset (AdamW, cosine, batch 8; the one that learnt the most in the recipe benchmark), finetune with --weights; --set train.preset=paper reproduces the paper's (docs/train.md).
 
     With --resume, an option given on the command line wins over what the run stored: the data options (--data, --val-data, --train-split, --val-split) given replace the run's and are stored for the next resume; those not given are the run's own. The run's settings (--config, --set, --time, --backbone-weights, --weights) cannot change on resume: giving one is an error.
     """
