@@ -8,6 +8,7 @@ page with its boxes is saved there (docs/serve-page.png is made so).
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -243,12 +244,24 @@ def test_page_shows_errors_and_extra_timings(server, page, bccd_root, tmp_path):
         route.fulfill(response=response, json=body)
 
     page.route("**/detect", with_more_fields)
-    page.set_input_files("#file", str(bccd_root / "JPEGImages" / f"{IMAGE}.jpg"))
+    # this time the image is dropped on the page, as a file dragged from the desktop is
+    data = base64.b64encode((bccd_root / "JPEGImages" / f"{IMAGE}.jpg").read_bytes()).decode()
+    page.eval_on_selector(
+        "#drop",
+        """(zone, data) => {
+            const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], 'dropped.jpg', {type: 'image/jpeg'}));
+            zone.dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        }""",
+        data,
+    )
     page.wait_for_selector("#boxes[data-state=drawn]", state="attached")
     assert page.is_hidden("#error")
     assert page.inner_text("#timing dd[data-key=queue_ms]") == "1.5 ms"
     assert page.inner_text("#timing dd[data-key=inference_ms]") == "20.3 ms"
     assert page.locator("#boxes .box").count() == len(annotated_boxes(bccd_root, IMAGE)[0])
+    assert page.inner_text("#status").startswith("dropped.jpg: 640×480 px")
     shot = os.environ.get("M2DET_PAGE_SCREENSHOT")
     if shot:
         page.set_viewport_size({"width": 1100, "height": 660})
