@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -15,13 +15,16 @@ from m2det.models import build_model
 SIZE = 64
 
 
-def tiny_model(num_classes: int = 3, seed: int = 0) -> torch.nn.Module:
+def tiny_model(
+    num_classes: int = 3, seed: int = 0, class_names: Optional[list[str]] = None
+) -> torch.nn.Module:
     """m2det_tiny shrunk to a 64-pixel input with 3 scales and narrow layers."""
     torch.manual_seed(seed)
     return build_model(
         get_config(
             "m2det_tiny",
             num_classes=num_classes,
+            class_names=class_names,
             input_size=SIZE,
             **{
                 "mlfpn.num_scales": 3,

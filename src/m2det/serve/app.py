@@ -19,6 +19,7 @@ from torch import Tensor
 from m2det.inference.detector import Detector
 from m2det.inference.results import detection_records
 from m2det.io.image import ImageReadError, UnsupportedImage, decode_image
+from m2det.serve.page import mount_page
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
@@ -27,6 +28,7 @@ def create_app(detector: Detector, max_image_bytes: int = MAX_IMAGE_BYTES) -> Fa
     """Build the app for one detector; requests are served one network call at a time."""
     app = FastAPI(title="m2det", description="M2Det object detection")
     lock = threading.Lock()  # one model, one forward pass at a time
+    mount_page(app)  # the web page at /: pick an image, see its detections drawn
 
     def run_detector(image: Tensor) -> dict[str, Any]:
         with lock:
