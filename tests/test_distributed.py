@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,149 @@ def test_eval_in_two_processes_equals_one_process(scored_coco, tiny_weights, tmp
             assert a["bbox"] == pytest.approx(b["bbox"], abs=0.011) and a["score"] == pytest.approx(
                 b["score"]
             )
+
+
+# ----- detection -----
+@pytest.fixture(scope="module")
+def photo_folder(bccd_root, tmp_path_factory):
+    """7 readable images of three sizes (7 does not divide by 2), one broken file and one text file."""
+    import cv2
+
+    folder = tmp_path_factory.mktemp("photos")
+    files = sorted((bccd_root / "JPEGImages").glob("*.jpg"))
+    for k, path in enumerate(files[:5]):
+        (folder / f"img{k}.jpg").symlink_to(path)
+    for k, path in enumerate(files[5:7]):
+        image = cv2.imread(str(path))
+        cv2.imwrite(str(folder / f"small{k}.png"), cv2.resize(image, (200 + 40 * k, 150)))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def detect_args(source, weights, out, *extra) -> list[str]:
+    return ["detect", str(source), "--weights", str(weights), "--out", str(out), "--score", "0.05",
+            "--batch", "2", "--workers", "0", *map(str, extra)]  # fmt: skip
+
+
+def final_files(out: Path) -> tuple[list, dict]:
+    coco = json.loads((out / "results_coco.json").read_text())
+    report = json.loads((out / "detections.json").read_text())
+    return coco, report
+
+
+def test_detect_in_two_processes_gives_every_image_once_as_one_process(photo_folder, tiny_weights, tmp_path):
+    run_cli(detect_args(photo_folder, tiny_weights, tmp_path / "one", "--batch", "1"), 1)
+    run_cli(detect_args(photo_folder, tiny_weights, tmp_path / "two", "--batch", "1"), 2)
+    (coco1, report1), (coco2, report2) = final_files(tmp_path / "one"), final_files(tmp_path / "two")
+    names = [Path(image["file"]).name for image in report2["images"]]
+    assert names == [f"img{k}.jpg" for k in range(5)] + ["small0.png", "small1.png"]  # each once, in order
+    assert [image["id"] for image in report2["images"]] == list(range(1, 8))
+    assert {Path(s["file"]).name for s in report2["skipped"]} == {"broken.jpg", "notes.txt"}
+    assert report1 == report2 and coco1 == coco2 and len(coco1) > 20
+    pictures = sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix in (".jpg", ".png"))
+    assert pictures == sorted(names)
+    assert not list((tmp_path / "two").glob("detections.rank*.jsonl"))  # merged into detections.jsonl
+    assert [r["id"] for r in _records(tmp_path / "two") if "id" in r] == list(range(1, 8))
+
+
+def _records(out: Path) -> list[dict]:
+    from m2det.io.jsonfile import read_json_lines
+
+    return read_json_lines(out / "detections.jsonl")
+
+
+def test_workers_decoding_give_identical_detections(photo_folder, tiny_weights, tmp_path):
+    run_cli(detect_args(photo_folder, tiny_weights, tmp_path / "main", "--no-save"), 1)
+    run_cli(
+        [*detect_args(photo_folder, tiny_weights, tmp_path / "workers", "--no-save"), "--workers", "1"], 1
+    )
+    for name in ("results_coco.json", "detections.json"):
+        assert (tmp_path / "main" / name).read_bytes() == (tmp_path / "workers" / name).read_bytes()
+    # resizing before the pipeline (in a worker or not) is what the pipeline itself does on the CPU
+    import warnings
+
+    from m2det.inference.detector import Detector
+    from m2det.inference.results import detection_records
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        detector = Detector(tiny_weights, score_threshold=0.05)
+    _, report = final_files(tmp_path / "workers")
+    by_name = {Path(image["file"]).name: image for image in report["images"]}
+    # batches of 2 in file order: [broken.jpg, img0.jpg], [img1.jpg, img2.jpg], ...; compare the same batches
+    for pair in (["img1.jpg", "img2.jpg"], ["small0.png", "small1.png"]):
+        found = detector.detect([by_name[name]["file"] for name in pair])
+        assert [detection_records(r) for r in found] == [by_name[name]["detections"] for name in pair]
+
+
+KILLER = """
+import os, signal, sys
+from m2det.inference import runner
+
+after = int(os.environ["KILL_AFTER"])
+original = runner.DetectRun._record
+
+def record_then_die(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    if self.num_records == after:
+        self._records._file.write('{"file": "torn by the kill", "fra')  # a line cut short
+        self._records._file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+runner.DetectRun._record = record_then_die
+from m2det.cli.main import app
+app(sys.argv[1:])
+"""
+
+
+def test_a_killed_detect_run_resumes_to_the_same_results(photo_folder, tiny_weights, tmp_path):
+    import subprocess
+    import sys
+
+    args = detect_args(photo_folder, tiny_weights, tmp_path / "killed")
+    env = {**os.environ, "KILL_AFTER": "3", "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert not (tmp_path / "killed" / "detections.json").exists()
+    done = [r for r in _records(tmp_path / "killed") if "skipped" not in r]
+    assert len(done) == 3  # the torn line is no record
+    # again in two processes: the 4 images left (and the broken file) shared out, the 3 done skipped
+    run_cli(args, 2)
+    run_cli(detect_args(photo_folder, tiny_weights, tmp_path / "whole"), 1)
+    assert final_files(tmp_path / "killed") == final_files(tmp_path / "whole")
+    assert _records(tmp_path / "killed") == _records(tmp_path / "whole")
+    # once more: nothing left to do, the same files
+    before = (tmp_path / "killed" / "results_coco.json").read_bytes()
+    run_cli(args, 1)
+    assert (tmp_path / "killed" / "results_coco.json").read_bytes() == before
+
+
+def test_resume_refuses_other_settings_and_no_resume_starts_again(photo_folder, tiny_weights, tmp_path):
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app
+
+    out = tmp_path / "out"
+    run_cli(detect_args(photo_folder, tiny_weights, out, "--no-save"), 1)
+    other = CliRunner().invoke(
+        app, [*detect_args(photo_folder, tiny_weights, out, "--no-save"), "--score", "0.5"]
+    )
+    assert other.exit_code == 2 and "--no-resume" in other.output and "settings" in other.output
+    again = CliRunner().invoke(
+        app, [*detect_args(photo_folder, tiny_weights, out, "--no-save"), "--score", "0.5", "--no-resume"]
+    )
+    assert again.exit_code == 0, again.output
+    coco, _ = final_files(out)
+    assert coco and min(d["score"] for d in coco) >= 0.5
+
+
+def test_detect_reads_a_list_file_in_its_order(photo_folder, tiny_weights, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two images\n{photo_folder / 'small1.png'}\n\n../{tmp_path.name}/missing.jpg\n")
+    (tmp_path / "local.jpg").symlink_to(photo_folder / "img0.jpg")
+    listing.write_text(listing.read_text() + "local.jpg\n")
+    run_cli(detect_args(listing, tiny_weights, tmp_path / "out", "--no-save"), 1)
+    _, report = final_files(tmp_path / "out")
+    assert [Path(i["file"]).name for i in report["images"]] == ["small1.png", "local.jpg"]
+    assert [(Path(s["file"]).name, s["reason"]) for s in report["skipped"]] == [("missing.jpg", "not found")]
