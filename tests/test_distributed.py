@@ -283,3 +283,43 @@ def test_detect_reads_a_list_file_in_its_order(photo_folder, tiny_weights, tmp_p
     _, report = final_files(tmp_path / "out")
     assert [Path(i["file"]).name for i in report["images"]] == ["small1.png", "local.jpg"]
     assert [(Path(s["file"]).name, s["reason"]) for s in report["skipped"]] == [("missing.jpg", "not found")]
+
+
+# ----- the trainer's validation -----
+def _train_worker(rank: int, world_size: int, port: int, out_dir: str, val_file: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    from m2det.data import build_dataset
+    from m2det.engine.train import Trainer
+    from m2det.engine.train_config import TrainConfig
+    from train_helpers import ToyBoxes, tiny_model, weights
+
+    model = tiny_model(seed=0)
+    config = TrainConfig(epochs=1, batch_size=4, lr=0.01, warmup_epochs=0, milestones=[], workers=0,
+                         eval_every=1, freeze_bn=True, clip_grad=1.0)  # fmt: skip
+    val_set = build_dataset(val_file, keep_ignored=True)
+    result = Trainer(model, config, ToyBoxes(count=8), val_set, run_dir=f"{out_dir}/run", device="cpu",
+                     progress=False).fit()  # fmt: skip
+    Path(out_dir, f"metrics{rank}.json").write_text(json.dumps(result.metrics))
+    if rank == 0:
+        torch.save(weights(model), f"{out_dir}/final.pt")
+
+
+def test_the_trainers_validation_in_two_processes_scores_every_image_once(tmp_path):
+    from m2det.data import build_dataset
+    from m2det.engine.evaluate import evaluate
+    from train_helpers import tiny_cli_data, tiny_model
+
+    data, _ = tiny_cli_data(tmp_path, "")
+    val_file = str(data.val.annotations)
+    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), val_file), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and "AP50" in ranks[0]  # every process gets rank 0's numbers
+    model = tiny_model(seed=0)
+    model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))
+    alone = evaluate(model, build_dataset(val_file, keep_ignored=True), batch_size=2, progress=False)
+    assert alone.num_images == 4  # the validation images, each once
+    assert {k: f"{v:.4f}" for k, v in ranks[0].items()} == {k: f"{v:.4f}" for k, v in alone.metrics.items()}
