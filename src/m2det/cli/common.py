@@ -179,3 +179,33 @@ def parse_sizes(text: Optional[str]) -> Optional[list[int]]:
     if not sizes or min(sizes) < 32:
         raise M2DetError(f"--sizes expects input sizes >= 32, got {text!r}")
     return sizes
+
+
+def relaunch_with_torchrun(nproc: Optional[int], argv: Optional[list[str]] = None) -> bool:
+    """`--nproc N` (N > 1) outside a `torchrun` group: run this same command again under
+    `torchrun --standalone --nproc-per-node N` (as `python -m torch.distributed.run`) without the
+    option, wait for it and exit with its status. Returns False (nothing done) for N of 1 or None,
+    or inside a group already, where the command runs as it is.
+    """
+    import os
+    import subprocess
+    import sys
+
+    if nproc is None or nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return False
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "m2det.cli.main", *kept,
+    ]  # fmt: skip
+    code = subprocess.call(command)
+    raise typer.Exit(code=code)

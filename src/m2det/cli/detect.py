@@ -2,8 +2,9 @@
 
 Writes annotated images and videos, `detections.json` (per image: file, frame, size, boxes with
 names) and `results_coco.json` (COCO results format) into a fresh `runs/detect/expN` or `--out`.
-Each image's detections are appended to `detections.jsonl` as soon as they are found, so a run
-stopped by a crash or a full disk keeps what it did; the two JSON files are built from it at the end.
+Each image's detections are appended to `detections.jsonl` (per process, under torchrun) as soon
+as they are found, so a run stopped by a crash, a kill or a full disk keeps what it did, and the
+same command on the same --out goes on from there; the two JSON files are merged from them at the end.
 """
 
 from __future__ import annotations
@@ -63,11 +64,33 @@ def detect(
     backend: Optional[str] = typer.Option(
         None, "--backend", help="pytorch | onnxruntime (default: onnxruntime for an .onnx --weights file)."
     ),
+    resume: bool = typer.Option(
+        True,
+        "--resume/--no-resume",
+        help="With --out: skip the images the folder's records already hold (a stopped run goes on); "
+        "--no-resume starts the folder again.",
+    ),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=0,
+        help="Processes that decode and resize images while the network runs (default: from the cores "
+        "free, per process; 0: none).",
+    ),
+    nproc: Optional[int] = typer.Option(
+        None,
+        "--nproc",
+        min=1,
+        help="Detect in N processes (torchrun --nproc-per-node N, started for you), each on its share.",
+    ),
 ) -> None:
     """Detect objects and write annotated pictures plus JSON (ours and COCO results)."""
     import warnings
 
     from m2det.boxes.postprocess import get_settings
+    from m2det.cli.common import relaunch_with_torchrun
+    from m2det.device import default_workers, usable_cores
+    from m2det.engine import distributed
     from m2det.inference.detector import Detector
     from m2det.inference.network import check_backend_choice
     from m2det.inference.runner import DetectRun
@@ -78,29 +101,54 @@ def detect(
     chosen = get_settings(settings)
     if nms is not None:
         chosen = chosen.replace(nms=nms)
-    if weights is None:
-        typer.secho(
-            "warning: no --weights given: the model has RANDOM weights and its detections mean nothing",
-            err=True,
-            fg=typer.colors.YELLOW,
-            bold=True,
+    relaunch_with_torchrun(nproc)
+    info, target = distributed.setup(device)
+    try:
+        if weights is None and info.is_main:
+            typer.secho(
+                "warning: no --weights given: the model has RANDOM weights and its detections mean nothing",
+                err=True,
+                fg=typer.colors.YELLOW,
+                bold=True,
+            )
+        if weights is None and info.is_distributed:
+            raise M2DetError(
+                "several processes need one model: give --weights (random weights differ per process)"
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="no weights given")
+            detector = Detector(
+                weights,
+                preset=preset,
+                device=target,
+                score_threshold=score,
+                settings=chosen,
+                batch_size=batch,
+                sizes=parse_sizes(sizes),
+                flip=flip,
+            )
+        if workers is None:
+            workers = default_workers(max(1, usable_cores() // info.world_size))
+        fresh = out is None
+        out_dir = distributed.broadcast_object(
+            next_run_dir(Path("runs") / "detect") if fresh and info.is_main else out
         )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="no weights given")
-        detector = Detector(
-            weights,
-            preset=preset,
-            device=device,
-            score_threshold=score,
-            settings=chosen,
-            batch_size=batch,
-            sizes=parse_sizes(sizes),
-            flip=flip,
-        )
-    out_dir = out if out is not None else next_run_dir(Path("runs") / "detect")
-    with DetectRun(detector, out_dir, save=save, max_frames=max_frames) as run:
-        run.process(items)
-    run.write_json(source)
-    typer.echo(run.summary())
-    if run.num_images + run.num_frames == 0:
+        run_info = {"weights": str(weights) if weights is not None else None, "preset": preset}
+        with DetectRun(
+            detector,
+            out_dir,
+            save=save,
+            max_frames=max_frames,
+            progress=info.is_main,
+            resume=resume and not fresh,
+            workers=workers,
+            run_info=run_info,
+        ) as run:
+            run.process(items)
+        run.write_json(source)
+    finally:
+        distributed.cleanup()
+    if info.is_main:
+        typer.echo(run.summary())
+    if run.num_total == 0:
         raise M2DetError(f"nothing could be read from {source}: all {len(run.skipped)} inputs were skipped")

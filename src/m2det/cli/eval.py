@@ -68,12 +68,20 @@ def evaluate_command(
         "--voc-plus-one/--no-voc-plus-one",
         help="VOC AP with the devkit's +1 pixel areas (default: on for VOC data, off otherwise).",
     ),
+    nproc: Optional[int] = typer.Option(
+        None,
+        "--nproc",
+        min=1,
+        help="Run the model in N processes (torchrun --nproc-per-node N, started for you), each on its "
+        "share of the images.",
+    ),
 ) -> None:
     """Evaluate detections: COCO AP/AR (pycocotools), VOC AP (2007 11-point and area), per class.
 
     Writes metrics.json, per_class.csv, pr_curve.png and detections.json (COCO results format).
     """
-    from m2det.cli.common import next_run_dir
+    from m2det.cli.common import next_run_dir, relaunch_with_torchrun
+    from m2det.engine import distributed
     from m2det.engine.evaluate import evaluate_weights, score_results_file
 
     if (weights is None) == (detections is None):
@@ -81,26 +89,37 @@ def evaluate_command(
     if detections is not None and preset is not None:
         raise M2DetError("--preset goes with --weights (an official .pth checkpoint), not with --detections")
     if detections is not None:
+        if not distributed.env_info().is_main:
+            return  # scoring a file is one process's work
         result, extra = score_results_file(
             detections, data, split, max_images=max_images, voc_plus_one=voc_plus_one
         )
     else:
         assert weights is not None  # one of the two, checked above
-        result, extra = evaluate_weights(
-            weights,
-            data,
-            split,
-            preset=preset,
-            device=device,
-            settings=settings,
-            score_threshold=score,
-            sizes=parse_sizes(sizes),
-            flip=flip,
-            batch_size=batch,
-            workers=workers,
-            max_images=max_images,
-            voc_plus_one=voc_plus_one,
-        )
+        relaunch_with_torchrun(nproc)
+        # under torchrun: each process runs its share of the images, rank 0 scores them all
+        info, target = distributed.setup(device)
+        try:
+            result, extra = evaluate_weights(
+                weights,
+                data,
+                split,
+                preset=preset,
+                device=str(target),
+                settings=settings,
+                score_threshold=score,
+                sizes=parse_sizes(sizes),
+                flip=flip,
+                batch_size=batch,
+                workers=workers,
+                max_images=max_images,
+                voc_plus_one=voc_plus_one,
+            )
+        finally:
+            distributed.cleanup()
+        if not info.is_main:
+            return
+        extra["processes"] = info.world_size
     out_dir = out if out is not None else next_run_dir("runs/eval", "exp")
     paths = result.save(out_dir, extra=extra)
     _print_report(result, out_dir, paths)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,8 +18,22 @@ from torch import Tensor
 
 from m2det.device import resolve_device
 from m2det.errors import M2DetError
+from m2det.utils.distributed import active, all_gather_objects, barrier, broadcast_object
 
-# Long, because the other processes wait while rank 0 runs the validation.
+__all__ = [
+    "DistInfo",
+    "active",
+    "all_gather_objects",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "env_info",
+    "setup",
+]
+
+# Long, because the other processes wait while rank 0 scores the validation (and, in `m2det detect`,
+# merges the results).
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 
 
@@ -74,32 +87,10 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def all_reduce_mean(tensor: Tensor) -> Tensor:
     """The mean of `tensor` over all processes (a copy; the input itself is unchanged)."""
     out = tensor.detach().clone()
-    if _active():
+    if active():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= dist.get_world_size()
     return out
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    """One picklable object from each process, in rank order."""
-    if not _active():
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """The object held by rank `src`, on every process."""
-    if not _active():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]

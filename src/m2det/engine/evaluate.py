@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import time
@@ -510,6 +511,10 @@ def _pipeline(model_or_detector: Any, settings: Union[str, PostprocessSettings, 
     return DetectionPipeline(given, "paper" if settings is None else settings, label_names=False)
 
 
+# One image's result: (data set index, image id, its detections in COCO results format).
+ImageResult = tuple[int, int, list[dict[str, Any]]]
+
+
 @torch.inference_mode()
 def _predict(
     model_or_detector: Any,
@@ -519,16 +524,16 @@ def _predict(
     settings: Union[str, PostprocessSettings, None],
     progress: bool,
     workers: int,
-) -> tuple[list[dict[str, Any]], list[int]]:
-    """Detections in COCO results format and the image ids seen, in data set order.
-
-    An image the data set cannot read is reported and dropped by it (`DetectionDataset` hands the
-    next image instead); it is left out of the scores, and the warning names it.
+    shard: tuple[int, int] = (0, 1),
+) -> list[ImageResult]:
+    """Detections of each image of this process's shard (`shard` = (rank, number of processes);
+    `m2det.utils.distributed.ShardSampler`), in data set order.
 
     Boxes are in the original image pixels (the data set's `target["orig_size"]`; an image a
     transform resized has its boxes scaled back) and labels are the data set's category ids.
     """
     from m2det.progress import progress_bar
+    from m2det.utils.distributed import ShardSampler
 
     base = base_dataset(dataset)
     pipeline = _pipeline(model_or_detector, settings)
@@ -537,35 +542,60 @@ def _predict(
         network.to(device)  # an ONNX Runtime network stays where it runs (the CPU)
     _check_classes(network.config, base)
     categories = dataset_category_ids(base)
+    sampler = ShardSampler(len(dataset), *shard)
+    on_cuda = torch.device(network.device).type == "cuda"
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_as_lists
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=_as_lists,
+        pin_memory=on_cuda,
     )
     # every module back in its mode afterwards (e.g. frozen BatchNorm in training)
     modules = list(network.modules()) if isinstance(network, torch.nn.Module) else []
     modes = {module: module.training for module in modules}
     for module in modules:
         module.eval()
-    results: list[dict[str, Any]] = []
-    image_ids: list[int] = []
-    seen: set[int] = set()
+    results: list[ImageResult] = []
+    indices = iter(sampler)
     try:
-        with progress_bar(total=len(dataset), desc="eval", unit="img", enabled=progress) as bar:
+        with progress_bar(total=len(sampler), desc="eval", unit="img", enabled=progress) as bar:
             for images, targets in loader:
-                tensors = [torch.as_tensor(im).as_subclass(Tensor).to(network.device) for im in images]
+                tensors = [
+                    torch.as_tensor(im).as_subclass(Tensor).to(network.device, non_blocking=on_cuda)
+                    for im in images
+                ]
                 outputs = pipeline(tensors)
                 for output, target, tensor in zip(outputs, targets, tensors):
-                    image_id = int(target["image_id"])
-                    if image_id in seen:  # an unreadable image came back as the next one: score it once
-                        continue
-                    seen.add(image_id)
                     size = (int(tensor.shape[-2]), int(tensor.shape[-1]))
-                    results.extend(_to_coco(output, target, size, categories))
-                    image_ids.append(image_id)
+                    image_id = int(target["image_id"])
+                    results.append((next(indices), image_id, _to_coco(output, target, size, categories)))
                 bar.update(len(images))
     finally:
         for module, training in modes.items():
             module.train(training)
-    return results, image_ids
+    return results
+
+
+def merge_image_results(parts: Sequence[Sequence[ImageResult]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The detections (COCO results format) and image ids of every shard's results, in data set
+    order, each image once: exactly what one process over the whole data set finds.
+
+    An image the data set cannot read is reported and dropped by it (`DetectionDataset` hands the
+    next image instead), so an image id can come twice; only its first result counts, and the
+    unreadable image is left out of the scores (the warning names it).
+    """
+    detections: list[dict[str, Any]] = []
+    image_ids: list[int] = []
+    seen: set[int] = set()
+    for _, image_id, found in sorted((r for part in parts for r in part), key=lambda r: r[0]):
+        if image_id in seen:
+            continue
+        seen.add(image_id)
+        image_ids.append(image_id)
+        detections.extend(found)
+    return detections, image_ids
 
 
 def _to_coco(
@@ -589,6 +619,7 @@ def evaluate(
     workers: int = 0,
     max_images: Optional[int] = None,
     voc_pixel_inclusive: Optional[bool] = None,
+    distributed: Optional[bool] = None,
 ) -> EvalResult:
     """Run inference over `dataset` (or its first `max_images`) and score it (COCO + VOC metrics).
 
@@ -600,30 +631,74 @@ def evaluate(
     what `M2Det.set_postprocess` left on the model). `voc_pixel_inclusive` defaults to True for VOC
     data sets. `device` moves a PyTorch model there. Every module is left in the train/eval mode it
     came in.
+
+    In a `torch.distributed` group of more than one process (`torchrun`), by default
+    (`distributed=None` or True) every process must call this: each runs the model on its shard of
+    the images (`m2det.utils.distributed.ShardSampler`: every image exactly once, no padding), the
+    detections are gathered and scored once on rank 0, in data set order, so the metrics are
+    those of one process on the same images. Every process returns the metrics; the detections
+    and curves are only on rank 0 (empty elsewhere). `distributed=False`: this process evaluates
+    every image alone.
     """
+    from m2det.utils.distributed import all_gather_objects, broadcast_object, rank_and_world
+
     base = base_dataset(dataset)
     if max_images is not None and max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(max_images))
+    rank, world_size = rank_and_world() if distributed is not False else (0, 1)
     start = time.perf_counter()
-    detections, image_ids = _predict(
-        model_or_detector, dataset, batch_size, device, settings, progress, workers
+    mine = _predict(
+        model_or_detector,
+        dataset,
+        batch_size,
+        device,
+        settings,
+        progress and rank == 0,
+        workers,
+        shard=(rank, world_size),
     )
+    parts = all_gather_objects(mine) if world_size > 1 else [mine]
     seconds = time.perf_counter() - start
+    result: Optional[EvalResult] = None
+    failure: Optional[Exception] = None
+    if rank == 0:
+        try:
+            result = _score(base, parts, voc_pixel_inclusive)
+            result.seconds = seconds
+        except Exception as exc:
+            if world_size == 1:
+                raise
+            failure = exc  # raised on every process below, rather than leaving the others waiting
+    if world_size == 1:
+        assert result is not None
+        return result
+    # the others get the numbers, not the (possibly large) detections again
+    failure, shared = broadcast_object(
+        (failure, None if result is None else dataclasses.replace(result, detections_coco=[], curves={}))
+    )
+    if failure is not None:
+        raise failure
+    return result if result is not None else shared
+
+
+def _score(
+    base: Any, parts: Sequence[Sequence[ImageResult]], voc_pixel_inclusive: Optional[bool]
+) -> EvalResult:
+    """The gathered results of every process scored against `base`'s ground truth."""
+    detections, image_ids = merge_image_results(parts)
     coco_gt, category_ids = ground_truth(base)
     unknown = sorted(set(image_ids) - set(coco_gt.getImgIds()))
     if unknown:
         raise ValueError(
             f"{type(base).__name__}: target image ids {unknown[:5]} are not images of its ground truth"
         )
-    result = score_detections(
+    return score_detections(
         coco_gt,
         detections,
         category_ids=category_ids,
         image_ids=image_ids,
         voc_pixel_inclusive=is_voc(base) if voc_pixel_inclusive is None else voc_pixel_inclusive,
     )
-    result.seconds = seconds
-    return result
 
 
 # ----- the two flows of `m2det eval`: a results file scored, or a model run and scored -----

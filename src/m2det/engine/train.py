@@ -595,19 +595,17 @@ class TrainingRun:
     def _validate(self) -> None:
         if self.trainer.val_set is None:
             return
-        metrics: dict[str, float] = {}
-        if self.info.is_main:
-            from m2det.engine.evaluate import evaluate
+        from m2det.engine.evaluate import evaluate
 
-            result = evaluate(
-                self.eval_model,
-                self.trainer.val_set,
-                batch_size=max(1, self.config.batch_size // self.info.world_size),
-                progress=False,
-                workers=self.config.workers,
-            )
-            metrics = {k: float(v) for k, v in result.metrics.items()}
-        self.metrics = distributed.broadcast_object(metrics)
+        # every process runs its shard of the images; rank 0 scores them all, every process gets the metrics
+        result = evaluate(
+            self.eval_model,
+            self.trainer.val_set,
+            batch_size=max(1, self.config.batch_size // self.info.world_size),
+            progress=False,
+            workers=self.config.workers,
+        )
+        self.metrics = {k: float(v) for k, v in result.metrics.items()}
         self.validated_at = self.epoch
         value = self.metrics.get(self.config.best_metric, math.nan)
         if math.isfinite(value) and (self.best_metric is None or value > self.best_metric):

@@ -22,7 +22,7 @@ from m2det.boxes.postprocess import Candidates, PostProcessor, PostprocessSettin
 from m2det.errors import M2DetError
 from m2det.inference.network import Network
 from m2det.models.m2det import config_anchors, pyramid_sizes
-from m2det.models.transform import pixel_means_tensor, resize_and_normalize
+from m2det.models.transform import normalize, pixel_means_tensor, resize_and_normalize
 
 
 def mirror_boxes(boxes: Tensor, widths: Tensor) -> Tensor:
@@ -101,18 +101,45 @@ class DetectionPipeline:
         parts = []
         for size in self.sizes:
             batch, image_sizes = self.preprocess(images, size)
-            anchors = self.anchors(size)
-            for mirrored in (False, True) if self.flip else (False,):
-                loc, logits = self.network.forward_raw(batch.flip(-1) if mirrored else batch)
-                post = self.postprocessor
-                found = post.candidates(*post.decode(loc, logits, anchors, image_sizes))
-                if mirrored:
-                    widths = found.boxes.new_tensor([w for _, w in image_sizes]).index_select(
-                        0, found.image_index
-                    )
-                    found.boxes = mirror_boxes(found.boxes, widths)
-                parts.append(found)
+            parts += self._passes(batch, image_sizes, size)
         return Candidates.cat(parts)
+
+    def _passes(self, batch: Tensor, image_sizes: list[tuple[int, int]], size: int) -> list[Candidates]:
+        """The candidates of the network's input `batch` at `size`, and of its mirror with `flip`."""
+        anchors = self.anchors(size)
+        parts = []
+        for mirrored in (False, True) if self.flip else (False,):
+            loc, logits = self.network.forward_raw(batch.flip(-1) if mirrored else batch)
+            post = self.postprocessor
+            found = post.candidates(*post.decode(loc, logits, anchors, image_sizes))
+            if mirrored:
+                widths = found.boxes.new_tensor([w for _, w in image_sizes]).index_select(
+                    0, found.image_index
+                )
+                found.boxes = mirror_boxes(found.boxes, widths)
+            parts.append(found)
+        return parts
+
+    @torch.inference_mode()
+    def detect_resized(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[dict]:
+        """Detections for images already resized (`m2det.models.transform.resize_unit`, e.g. in a
+        DataLoader worker): `batch` [N, 3, S, S] float RGB in [0, 1] at the one size S of `sizes`,
+        `image_sizes` the (H, W) of the originals, whose pixels the boxes are in. The same numbers
+        as calling the pipeline on the originals where the resize runs on the same device."""
+        if len(self.sizes) != 1:
+            raise ValueError(f"detect_resized runs at one input size, the pipeline has {self.sizes}")
+        size = self.sizes[0]
+        if tuple(batch.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"detect_resized: expected a batch [N, 3, {size}, {size}], got {tuple(batch.shape)}"
+            )
+        if self._pixel_means.device != self.network.device:
+            self._pixel_means = self._pixel_means.to(self.network.device)
+        network_input = normalize(batch.to(self.network.device), self._pixel_means).to(self.network.dtype)
+        sizes = [(int(h), int(w)) for h, w in image_sizes]
+        return self.postprocessor.suppress(
+            Candidates.cat(self._passes(network_input, sizes, size)), len(sizes)
+        )
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[Tensor]) -> list[dict]:

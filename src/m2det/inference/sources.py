@@ -46,15 +46,21 @@ def classify(path: Union[str, Path]) -> SourceItem:
     return SourceItem("unsupported", str(path), f"unsupported file type {suffix or '(no suffix)'!r}")
 
 
+LIST_SUFFIX = ".txt"
+
+
 def resolve_source(source: Union[str, Path]) -> list[SourceItem]:
     """The inputs `source` names: a file, the files of a folder (sorted, not recursive, hidden ones
-    left out), the files a glob matches, or a camera when `source` is a number that is not a file."""
+    left out), the files a glob matches, the files a list file (`.txt`) names, or a camera when
+    `source` is a number that is not a file."""
     text = str(source)
     path = Path(text)
     if text.isdigit() and not path.exists():
         return [SourceItem("camera", text)]
     if path.is_dir():
         return [classify(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if path.is_file() and path.suffix.lower() == LIST_SUFFIX:
+        return read_list_file(path)
     if path.is_file():
         return [classify(path)]
     if glob.has_magic(text):
@@ -66,6 +72,26 @@ def resolve_source(source: Union[str, Path]) -> list[SourceItem]:
     raise FileNotFoundError(
         f"source not found: {text} (expected an image, a folder, a glob, a video or a camera index)"
     )
+
+
+def read_list_file(path: Path) -> list[SourceItem]:
+    """The inputs a list file names, one path a line in its order (blank lines and lines starting
+    with # left out; relative paths are relative to the list file's folder). A named file that does
+    not exist is listed as unsupported, to be reported and skipped like an unreadable one."""
+    from m2det.io.atomic import errors_name
+
+    with errors_name(path):
+        lines = path.read_text(encoding="utf-8").splitlines()
+    items = []
+    for line in lines:
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        target = Path(name) if Path(name).is_absolute() else path.parent / name
+        items.append(
+            classify(target) if target.is_file() else SourceItem("unsupported", str(target), "not found")
+        )
+    return items
 
 
 class VideoReader:

@@ -70,6 +70,29 @@ class JsonLinesWriter:
         self.close()
 
 
+def trim_torn_tail(path: Union[str, Path]) -> None:
+    """Cut a JSON Lines file back to its last complete line: a writer stopped mid-line (killed)
+    leaves a line without its newline, which appending would glue to the next record."""
+    path = Path(path)
+    with errors_name(path), open(path, "rb+") as f:
+        size = f.seek(0, 2)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        end, block = size, 1 << 16
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            end = start
+        f.truncate(0)
+
+
 def read_json_lines(path: Union[str, Path]) -> list[Any]:
     """The records of a JSON Lines file. A last line cut short (no newline: the writer was stopped
     mid-line) is left out; any other line that is not JSON raises FileFormatError naming file and line."""
