@@ -99,6 +99,8 @@ def test_decompression_bomb_is_413_before_decoding(detector):
     response = client.post("/detect", content=bomb)
     assert response.status_code == 413
     assert "10000x10000 pixels (100.0 MP) is over the limit of 40 MP" in response.json()["detail"]
+    huge = client.post("/detect", content=bomb_png(30000, 30000))  # over Pillow's own limit too
+    assert huge.status_code == 413 and "over the limit" in huge.json()["detail"]
     small = TestClient(create_app(detector, config=ServeConfig(max_pixels=1000)))
     assert small.post("/detect", content=jpeg()).status_code == 413  # 64 x 48 > 1000
 

@@ -99,10 +99,9 @@ class ImageTooLarge(UnsupportedImage):
 
     def __init__(self, source: object, width: int, height: int, limit: int) -> None:
         self.width, self.height, self.limit = width, height, limit
+        size = f"{width}x{height} pixels ({width * height / 1e6:.1f} MP)" if width else "its size"
         super().__init__(
-            source,
-            f"{width}x{height} pixels ({width * height / 1e6:.1f} MP) is over the limit of "
-            f"{limit / 1e6:g} MP (m2det.io.image.MAX_IMAGE_PIXELS)",
+            source, f"{size} is over the limit of {limit / 1e6:g} MP (m2det.io.image.MAX_IMAGE_PIXELS)"
         )
 
 
@@ -296,8 +295,9 @@ def _open(file: Union[Path, io.BytesIO], source: object, max_pixels: Optional[in
         raise UnsupportedImage(
             source, f"not an image file Pillow can read (expected {_READABLE}, ...)"
         ) from None
-    except Image.DecompressionBombError as exc:
-        raise UnsupportedImage(source, f"too large to decode ({exc})") from None
+    except Image.DecompressionBombError:  # Pillow's own check, over 2 x Image.MAX_IMAGE_PIXELS
+        limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+        raise ImageTooLarge(source, 0, 0, min(limit, 2 * (Image.MAX_IMAGE_PIXELS or 0))) from None
     except OSError as exc:  # the file itself: a folder, no permission, ...
         raise ImageReadError(source, f"cannot be opened ({exc.strerror or exc})") from None
     except _DECODE_ERRORS as exc:
