@@ -296,6 +296,7 @@ def test_too_many_in_flight_is_503_and_a_client_gone_logs_no_traceback(detector,
         metrics = httpx.get(f"http://{host}:{port}/metrics", timeout=5).text
     assert 'm2det_requests_total{path="/detect",code="503"} 1' in metrics
     assert 'm2det_requests_total{path="/detect",code="499"} 1' in metrics
+    assert 'code="400"' not in metrics and 'code="500"' not in metrics
     assert any("went away" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
 

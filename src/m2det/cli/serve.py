@@ -66,6 +66,7 @@ def serve(
     body_timeout: float = typer.Option(30.0, min=0.1, help="Seconds to send a body (408 after)."),
     request_timeout: float = typer.Option(60.0, min=0.1, help="Seconds for a whole /detect (503 after)."),
     keep_alive: int = typer.Option(5, min=1, help="Seconds an idle keep-alive connection stays open."),
+    max_connections: int = typer.Option(1000, min=1, help="Open connections at once (503 beyond)."),
 ) -> None:
     """Serve detections over HTTP: POST an image to /detect; GET /model, /health, /metrics, /docs."""
     try:
@@ -98,5 +99,7 @@ def serve(
     )
     detector = Detector(weights, preset=preset, device=device, settings=settings, batch_size=max_batch)
     typer.echo(f"serving {detector.model.config.name} on http://{host}:{port} (POST /detect, docs at /docs)")
-    limits = ServerLimits(header_timeout_s=header_timeout, keep_alive_s=keep_alive)
+    limits = ServerLimits(
+        header_timeout_s=header_timeout, keep_alive_s=keep_alive, max_connections=max_connections
+    )
     uvicorn.Server(server_config(create_app(detector, config=config), host, port, limits)).run()

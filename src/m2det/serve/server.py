@@ -23,11 +23,13 @@ RESPONSE_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection
 @dataclass(frozen=True)
 class ServerLimits:
     """Connection limits: seconds to send a request's headers, idle seconds between keep-alive
-    requests, and the largest header block in bytes."""
+    requests, the largest header block in bytes, and the open connections at once (uvicorn's
+    `limit_concurrency`: beyond it, new requests get 503)."""
 
     header_timeout_s: float = 10.0
     keep_alive_s: int = 5
     max_header_bytes: int = 16 * 1024
+    max_connections: int = 1000
 
 
 def header_timeout_protocol(header_timeout_s: float) -> type[H11Protocol]:
@@ -86,5 +88,6 @@ def server_config(
         http=header_timeout_protocol(limits.header_timeout_s),
         timeout_keep_alive=limits.keep_alive_s,
         h11_max_incomplete_event_size=limits.max_header_bytes,
+        limit_concurrency=limits.max_connections,
         **kwargs,
     )
