@@ -319,3 +319,27 @@ def test_concurrent_requests_are_batched_with_the_same_detections(detector):
         assert [d["label"] for d in answer["detections"]] == [d["label"] for d in want]
         got = torch.tensor([d["box"] for d in answer["detections"]])
         assert torch.allclose(got, torch.tensor([d["box"] for d in want]), atol=0.05)
+
+
+@pytest.mark.filterwarnings("ignore:no weights given")
+def test_cli_builds_the_limits_and_warns_on_an_open_address_without_a_key(monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app as cli
+
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: started.append(self.config))
+    monkeypatch.delenv("M2DET_API_KEY", raising=False)
+    args = ["serve", "--preset", "m2det_tiny", "--host", "0.0.0.0", "--max-batch", "4"]
+    result = CliRunner().invoke(cli, [*args, "--max-pixels", "12", "--cors-origin", "https://a.example"])
+    assert result.exit_code == 0, result.output
+    assert "without an API key" in result.output
+    served = started[-1].app  # the FastAPI app uvicorn was given
+    assert served.state.config.max_pixels == 12_000_000 and served.state.config.max_batch == 4
+    assert served.state.config.cors_origins == ("https://a.example",)
+    assert started[-1].timeout_keep_alive == 5 and started[-1].limit_concurrency == 1000
+    monkeypatch.setenv("M2DET_API_KEY", "k")
+    keyed = CliRunner().invoke(cli, args)
+    assert keyed.exit_code == 0 and "without an API key" not in keyed.output
+    assert started[-1].app.state.config.api_key == "k"
