@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +57,15 @@ def truncated_jpeg_bytes(width: int = 64, height: int = 48) -> bytes:
     pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     data = jpeg_bytes(pixels)
     return data[: len(data) // 2]
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width` x `height` RGB pixels, with only its first rows' data:
+    a few hundred bytes that would take width * height * 3 bytes to decode."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (width * 3 + 1) * 4, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")

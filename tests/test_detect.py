@@ -513,3 +513,18 @@ def test_read_json_lines_ignores_only_a_last_line_cut_short(tmp_path):
     path.write_text('{"id": 1}\n{"id": 2\n{"id": 3}\n')
     with pytest.raises(ValueError, match=r"r.jsonl, line 2: not valid JSON"):
         read_json_lines(path)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_detect_skips_a_decompression_bomb_by_name(tmp_path, bccd_root):
+    from image_helpers import bomb_png
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(sorted((bccd_root / "JPEGImages").glob("*.jpg"))[0], folder / "good.jpg")
+    (folder / "bomb.png").write_bytes(bomb_png(10000, 10000))
+    result = run_detect(folder, "--out", tmp_path / "out", "--no-save")
+    assert result.exit_code == 0, result.output
+    assert "bomb.png" in result.output and "over the limit of 40 MP" in result.output
+    report = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert [image["file"].rsplit("/", 1)[-1] for image in report["images"]] == ["good.jpg"]

@@ -315,3 +315,38 @@ def test_detect_names_skips_and_counts_a_truncated_image(tmp_path):
     (skipped,) = report["skipped"]
     assert Path(skipped["file"]).name == "b_cut.jpg" and "truncated" in skipped["reason"]
     assert cv2.imread(str(out / "c_phone.jpg")).shape == (64, 48, 3)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_is_refused_from_its_header(tmp_path):
+    from image_helpers import bomb_png
+    from m2det.data.base import MalformedAnnotation
+    from m2det.data.base import image_size as dataset_image_size
+    from m2det.io.image import ImageTooLarge, decode_image, image_size, read_image
+
+    bomb = bomb_png(10000, 10000)
+    assert len(bomb) < 2000
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb)
+    for read in (lambda: decode_image(bomb, "body"), lambda: read_image(path), lambda: image_size(path)):
+        with pytest.raises(ImageTooLarge, match="10000x10000 pixels .* over the limit of 40 MP"):
+            read()
+    assert image_size(bomb, max_pixels=10**8) == (10000, 10000)  # the limit is the caller's to raise
+    # a data set's header check names the file and drops it, before any epoch decodes it
+    with pytest.raises(MalformedAnnotation, match="bomb.png: 10000x10000 pixels"):
+        dataset_image_size(path)
+
+
+def test_reduced_decode_keeps_the_shape_of_the_image(tmp_path):
+    from m2det.io.image import decode_image, image_size, reduce_factor
+
+    pixels = np.random.default_rng(0).integers(0, 255, (600, 1000, 3), dtype=np.uint8)
+    for suffix in (".jpg", ".png"):
+        ok, data = cv2.imencode(suffix, pixels)
+        assert image_size(data.tobytes()) == (1000, 600)
+        assert reduce_factor(1000, 600, 150) == 4 and reduce_factor(1000, 600, 320) == 1
+        image = decode_image(data.tobytes(), reduce=4)
+        assert tuple(image.shape) == (3, 150, 250)
+        full = decode_image(data.tobytes()).float()
+        box_mean = full.reshape(3, 150, 4, 250, 4).mean((2, 4))
+        assert (image.float() - box_mean).abs().mean() < 12  # the same picture, smaller

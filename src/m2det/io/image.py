@@ -14,6 +14,12 @@ Every image becomes a uint8 RGB tensor `[3, H, W]` by one rule, decoded with Pil
   stored under fully transparent pixels are arbitrary and never reach the model.
 - Only the first frame of an animated or multi-page file is read.
 
+An image whose header declares more than `MAX_IMAGE_PIXELS` pixels (width x height; 40 MP, a 4K
+frame is 8.3 MP) is refused before its pixels are decoded, by every reader here (`read_image`,
+`decode_image`, `image_size`): `ImageTooLarge`. A 12 KB PNG can declare 10000 x 10000 pixels and
+take gigabytes to decode; a data set names such a file and drops it, `m2det detect` skips it, the
+service answers 413. Set the module's `MAX_IMAGE_PIXELS`, or pass `max_pixels=`, for larger ones.
+
 A file or body that cannot be decoded raises an `ImageReadError` naming it and saying what is
 wrong: `UnsupportedImage` (not an image Pillow reads, or pixels with no RGB meaning) or
 `CorruptImage` (truncated or damaged data). Truncation is found because the pixels are decoded in
@@ -33,7 +39,7 @@ from __future__ import annotations
 import io
 import struct
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -58,6 +64,13 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 _READABLE = "JPEG, PNG, BMP, TIFF, WebP, PPM/PGM"
 
+# The most pixels (width x height, as the header declares them) an image may have to be decoded;
+# read when called, so setting it here changes every reader. Pillow's own bomb check (a warning
+# over 89 MP, an error over 179 MP) stays behind it.
+MAX_IMAGE_PIXELS = 40_000_000
+# The factors a decoder can shrink an image by while decoding (libjpeg's DCT scaling).
+REDUCE_FACTORS = (8, 4, 2, 1)
+
 
 class ImageReadError(M2DetError):
     """An image that cannot be used: `source` names the file (or request body), `problem` says why."""
@@ -80,30 +93,74 @@ class CorruptImage(ImageReadError):
     """The image's data is truncated or damaged."""
 
 
-def read_image(path: PathLike) -> Tensor:
-    """An image file as uint8 RGB `[3, H, W]`, upright, by the module's rule; `ImageReadError` naming it."""
+class ImageTooLarge(UnsupportedImage):
+    """An image whose header declares more pixels than allowed (`MAX_IMAGE_PIXELS`): refused before
+    its pixels are decoded, as decoding a decompression bomb takes gigabytes."""
+
+    def __init__(self, source: object, width: int, height: int, limit: int) -> None:
+        self.width, self.height, self.limit = width, height, limit
+        size = f"{width}x{height} pixels ({width * height / 1e6:.1f} MP)" if width else "its size"
+        super().__init__(
+            source, f"{size} is over the limit of {limit / 1e6:g} MP (m2det.io.image.MAX_IMAGE_PIXELS)"
+        )
+
+
+def check_pixels(width: int, height: int, source: object, max_pixels: Optional[int] = None) -> None:
+    """Raise `ImageTooLarge` when `width` x `height` is over `max_pixels` (None: `MAX_IMAGE_PIXELS`)."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    if width * height > limit:
+        raise ImageTooLarge(source, width, height, limit)
+
+
+def reduce_factor(width: int, height: int, min_side: int) -> int:
+    """The largest of 8, 4, 2, 1 that the image can be shrunk by while keeping both sides at least
+    `min_side` pixels: what `read_image`/`decode_image` may decode at (`reduce=`) when only an image
+    of about `min_side` pixels is needed (a network input), instead of the full size."""
+    return next(k for k in REDUCE_FACTORS if k == 1 or min(width, height) >= k * min_side)
+
+
+def read_image(path: PathLike, *, max_pixels: Optional[int] = None, reduce: int = 1) -> Tensor:
+    """An image file as uint8 RGB `[3, H, W]`, upright, by the module's rule; `ImageReadError` naming it.
+
+    `max_pixels`: the most pixels its header may declare (None: `MAX_IMAGE_PIXELS`). `reduce`: 2, 4
+    or 8 decodes it at that fraction of its size (ceil(W / reduce) x ceil(H / reduce)): a JPEG by
+    libjpeg's scaled decoding, without the full-size pixels ever in memory; others are decoded,
+    then shrunk (box filter) before the RGB tensor is made.
+    """
     path = _existing(path)
-    with _open(path, path) as image:
-        return to_rgb(image, path)
+    with _open(path, path, max_pixels) as image:
+        return to_rgb(image, path, reduce=reduce)
 
 
-def decode_image(data: bytes, source: str = "image bytes") -> Tensor:
+def decode_image(
+    data: bytes, source: str = "image bytes", *, max_pixels: Optional[int] = None, reduce: int = 1
+) -> Tensor:
     """Encoded image bytes (a file's content) as uint8 RGB `[3, H, W]`, by the same rule as `read_image`.
 
-    `source` names the bytes in errors (e.g. "request body").
+    `source` names the bytes in errors (e.g. "request body"); `max_pixels` and `reduce` as for
+    `read_image`.
     """
     if not data:
         raise UnsupportedImage(source, "empty: no image data")
-    with _open(io.BytesIO(data), source) as image:
-        return to_rgb(image, source)
+    with _open(io.BytesIO(data), source, max_pixels) as image:
+        return to_rgb(image, source, reduce=reduce)
 
 
-def to_rgb(image: Image.Image, source: object = "image") -> Tensor:
+def to_rgb(
+    image: Image.Image, source: object = "image", *, max_pixels: Optional[int] = None, reduce: int = 1
+) -> Tensor:
     """An opened Pillow image as uint8 RGB `[3, H, W]` by the module's rule (`image` is not changed).
 
-    The pixels are decoded here, so truncated or damaged data raises `CorruptImage` naming `source`.
+    The pixels are decoded here, so truncated or damaged data raises `CorruptImage` naming `source`;
+    `max_pixels` and `reduce` as for `read_image`.
     """
+    if reduce not in REDUCE_FACTORS:
+        raise ValueError(f"reduce must be one of {REDUCE_FACTORS}, got {reduce}")
+    check_pixels(*image.size, source, max_pixels)
+    stored = image.size
     try:
+        if reduce > 1 and image.format == "JPEG":
+            image.draft(image.mode, (stored[0] // reduce, stored[1] // reduce))
         image.load()
         if _orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
@@ -126,6 +183,10 @@ def to_rgb(image: Image.Image, source: object = "image") -> Tensor:
             image = image.convert("RGB")
     except ValueError as exc:
         raise UnsupportedImage(source, f"{image.mode} pixels cannot be converted to RGB ({exc})") from None
+    if reduce > 1:  # what the JPEG decoder did not shrink already
+        wanted = -(-max(stored) // reduce)
+        if max(image.size) > wanted:
+            image = image.reduce(max(1, round(max(image.size) / wanted)))
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
@@ -169,16 +230,28 @@ def write_png(path: PathLike, rgb: Tensor) -> Path:
     return path
 
 
-def image_size(path: PathLike) -> tuple[int, int]:
-    """(width, height) of the image `read_image` returns (EXIF orientation applied), from the header.
+def image_size(
+    path: Union[PathLike, bytes], *, max_pixels: Optional[int] = None, source: Optional[str] = None
+) -> tuple[int, int]:
+    """(width, height) of the image `read_image` (a path) or `decode_image` (bytes) returns (EXIF
+    orientation applied), from the header; `ImageTooLarge` when it declares more than `max_pixels`
+    (None: `MAX_IMAGE_PIXELS`), so a data set's header check drops a decompression bomb by name.
 
     The pixels are not decoded, so a truncated file is only found by `read_image`. A PNG whose EXIF
     block follows its pixel data (rare) is taken as unrotated here, as finding it means decoding.
+    `source` names bytes in errors.
     """
-    path = _existing(path)
-    with _open(path, path) as image:
+    opened: Union[Path, io.BytesIO]
+    if isinstance(path, bytes):
+        name: object = source or "image bytes"
+        if not path:
+            raise UnsupportedImage(name, "empty: no image data")
+        opened = io.BytesIO(path)
+    else:
+        opened = name = _existing(path)
+    with _open(opened, name, max_pixels) as image:
         width, height = image.size
-        orientation = _header_orientation(image, path)
+        orientation = _header_orientation(image, name)
     return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
@@ -213,17 +286,25 @@ def _existing(path: PathLike) -> Path:
     return path
 
 
-def _open(file: Union[Path, io.BytesIO], source: object) -> Image.Image:
-    """`Image.open` with its failures as `ImageReadError` naming `source`."""
+def _open(file: Union[Path, io.BytesIO], source: object, max_pixels: Optional[int] = None) -> Image.Image:
+    """`Image.open` (the header only) with its failures as `ImageReadError` naming `source`, and
+    `ImageTooLarge` for more than `max_pixels` (None: `MAX_IMAGE_PIXELS`)."""
     try:
-        return Image.open(file)
+        image = Image.open(file)
     except Image.UnidentifiedImageError:
         raise UnsupportedImage(
             source, f"not an image file Pillow can read (expected {_READABLE}, ...)"
         ) from None
-    except Image.DecompressionBombError as exc:
-        raise UnsupportedImage(source, f"too large to decode ({exc})") from None
+    except Image.DecompressionBombError:  # Pillow's own check, over 2 x Image.MAX_IMAGE_PIXELS
+        limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+        raise ImageTooLarge(source, 0, 0, min(limit, 2 * (Image.MAX_IMAGE_PIXELS or 0))) from None
     except OSError as exc:  # the file itself: a folder, no permission, ...
         raise ImageReadError(source, f"cannot be opened ({exc.strerror or exc})") from None
     except _DECODE_ERRORS as exc:
         raise CorruptImage(source, f"damaged image header ({exc})") from None
+    try:
+        check_pixels(*image.size, source, max_pixels)
+    except ImageTooLarge:
+        image.close()
+        raise
+    return image
