@@ -35,6 +35,8 @@ import httpx
 CONCURRENCY = (1, 8, 32)
 BATCHING = {"off": ["--max-batch", "1"], "on": ["--max-batch", "8", "--max-wait-ms", "5"]}
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
 
 def bomb_png(width: int, height: int) -> bytes:
     """A PNG declaring `width` x `height` RGB pixels with only its first rows' data (a few KB)."""
@@ -204,7 +206,14 @@ def main() -> None:
             finally:
                 server.stop()
         bombs[model] = bomb_memory(model, logs / f"{model}-bombs.log")
-    print(f"\n{seconds:g} s a cell, {os.cpu_count()} CPUs, a 640x480 JPEG, random weights\n")
+    from m2det.device import usable_cores
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = sorted(set(cpuinfo.read_text().split()) & set(CPU_FLAGS)) if cpuinfo.exists() else []
+    print(
+        f"\n{seconds:g} s a cell, {usable_cores()} of {os.cpu_count()} CPUs usable (server and clients share them), "
+        f"flags {' '.join(flags) or '?'}; a 640x480 JPEG, random weights\n"
+    )
     print("| model | batching | clients | req/s | p50 ms | p95 ms | mean batch | non-200 | server peak MiB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for r in rows:
