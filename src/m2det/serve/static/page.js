@@ -124,12 +124,13 @@
     const rows = [];
     const ms = (v) => `${Number(v).toFixed(1)} ms`;
     if (answer) {
-      if (typeof answer.time_ms === "number") rows.push(["Detection", ms(answer.time_ms), "time_ms"]);
-      if (typeof answer.queue_ms === "number") rows.push(["Queue", ms(answer.queue_ms), "queue_ms"]);
-      if (typeof answer.inference_ms === "number") rows.push(["Inference", ms(answer.inference_ms), "inference_ms"]);
-      // any other timing the service adds, by its own name
+      // the service's split of its time, then its total (upload excluded), then any timing it adds
+      const known = [["decode_ms", "Decode"], ["queue_ms", "Queue"], ["inference_ms", "Inference"], ["time_ms", "In the service"]];
+      for (const [key, label] of known) {
+        if (typeof answer[key] === "number") rows.push([label, ms(answer[key]), key]);
+      }
       for (const [key, value] of Object.entries(answer)) {
-        if (key.endsWith("_ms") && typeof value === "number" && !["time_ms", "queue_ms", "inference_ms"].includes(key)) {
+        if (key.endsWith("_ms") && typeof value === "number" && !known.some(([k]) => k === key)) {
           rows.push([key, ms(value), key]);
         }
       }
