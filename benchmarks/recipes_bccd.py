@@ -21,6 +21,8 @@ of the VOC files, so the peer learns and is scored in the same pixel frame as th
 
 The peer's environment: `python3 -m venv /tmp/yolo-venv && /tmp/yolo-venv/bin/pip install ultralytics`.
 
+`--report` writes the tables from the finished runs and trains nothing.
+
 Resumable: a run whose `result.json` exists is not run again (a failed run neither, unless
 `--retry-failed`); an interrupted one starts over. The recipe definitions and the budget are kept in
 `settings.json` and each `result.json`, and a run that was made with other ones is refused rather
@@ -596,6 +598,9 @@ def parse_args() -> argparse.Namespace:
         help="add an override to a recipe, or start a new one (e.g. fast:train.preset=modern fast:train.lr=4e-3)",
     )
     parser.add_argument("--retry-failed", action="store_true", help="run failed (recipe, seed) runs again")
+    parser.add_argument(
+        "--report", action="store_true", help="write the tables from the finished runs only; train nothing"
+    )
     args = parser.parse_args()
 
     recipes = {name: list(values) for name, values in RECIPES.items()}
@@ -646,7 +651,10 @@ def main() -> None:
     stored = read_json(args.out / "settings.json")
     if stored is not None and stored.get("run") != settings:
         sys.exit(f"error: {args.out} holds runs of {stored.get('run')}, not {settings}: use another --out")
-    write_json(args.out / "settings.json", {"run": settings, "machine": args.machine})
+    if args.report and stored is not None:
+        args.machine = stored["machine"]  # the machine the runs were made on, not this one
+    else:
+        write_json(args.out / "settings.json", {"run": settings, "machine": args.machine})
 
     def definition(name: str) -> dict[str, Any]:
         if name in PEERS:
@@ -669,8 +677,14 @@ def main() -> None:
                 )
             if done["status"] == "ok" or not args.retry_failed:
                 results.append(done)
+                args.peer_info = done.get("peer", args.peer_info)
                 continue
         todo.append((name, seed, folder))
+    if args.report:
+        missing = ", ".join(f"{name} seed {seed}" for name, seed, _ in todo) or "none"
+        print(f"--report: {len(results)} finished runs in the tables; not run: {missing}")
+        write_tables(args, names, results)
+        return
     per_run = args.minutes + 1.5  # start-up, the final validation, evaluation
     print(
         f"{len(plan)} runs ({len(plan) - len(todo)} done): {len(todo)} to go, about "
