@@ -13,13 +13,11 @@ What makes the comparison exact up to float rounding:
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ddp_helpers import free_port, join_as_rank
 from m2det.engine.checkpoint_state import load_checkpoint
 from m2det.engine.train import Trainer
 from m2det.engine.train_config import TrainConfig
@@ -42,21 +40,8 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # float sums in another order; observed 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, world_size, port)
     model = tiny_model(seed=rank)  # different initial weights per rank: DDP must broadcast rank 0's
     Trainer(
         model,
@@ -70,7 +55,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "ranks diverged"

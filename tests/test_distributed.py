@@ -5,33 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ddp_helpers import free_port, join_as_rank
 from m2det.utils.distributed import ShardSampler, shard, shard_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli_worker(rank: int, world_size: int, port: int, args: list[str]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, world_size, port)
     from m2det.cli.main import app
 
     app(args, standalone_mode=False)
@@ -47,7 +34,7 @@ def run_cli(args: list[str], processes: int) -> None:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         return
-    mp.spawn(_cli_worker, args=(processes, _free_port(), args), nprocs=processes, join=True)
+    mp.spawn(_cli_worker, args=(processes, free_port(), args), nprocs=processes, join=True)
 
 
 def test_shards_cover_every_index_once_without_padding():
@@ -287,11 +274,7 @@ def test_detect_reads_a_list_file_in_its_order(photo_folder, tiny_weights, tmp_p
 
 # ----- the trainer's validation -----
 def _train_worker(rank: int, world_size: int, port: int, out_dir: str, val_file: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    join_as_rank(rank, world_size, port)
     from m2det.data import build_dataset
     from m2det.engine.train import Trainer
     from m2det.engine.train_config import TrainConfig
@@ -315,7 +298,7 @@ def test_the_trainers_validation_in_two_processes_scores_every_image_once(tmp_pa
 
     data, _ = tiny_cli_data(tmp_path, "")
     val_file = str(data.val.annotations)
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), val_file), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(2, free_port(), str(tmp_path), val_file), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and "AP50" in ranks[0]  # every process gets rank 0's numbers
     model = tiny_model(seed=0)
