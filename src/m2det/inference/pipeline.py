@@ -85,10 +85,14 @@ class DetectionPipeline:
     ) -> tuple[Tensor, list[tuple[int, int]]]:
         """The network's input batch (on its device) at `size` (see `check_size`), and each image's (H, W)."""
         size = int(size or self.sizes[0])
-        if self._pixel_means.device != self.network.device:  # the network may have moved since
-            self._pixel_means = self._pixel_means.to(self.network.device)
-        batch, image_sizes = resize_and_normalize(images, size, self._pixel_means)
+        batch, image_sizes = resize_and_normalize(images, size, self._means())
         return batch.to(self.network.dtype), image_sizes
+
+    def _means(self) -> Tensor:
+        """The pixel means on the network's device (it may have moved since the pipeline was built)."""
+        if self._pixel_means.device != self.network.device:
+            self._pixel_means = self._pixel_means.to(self.network.device)
+        return self._pixel_means
 
     def anchors(self, size: int) -> Tensor:
         """Anchors `[A, 4]` (cx, cy, w, h; normalised) for the input size `size`, computed once."""
@@ -133,9 +137,7 @@ class DetectionPipeline:
             raise ValueError(
                 f"detect_resized: expected a batch [N, 3, {size}, {size}], got {tuple(batch.shape)}"
             )
-        if self._pixel_means.device != self.network.device:
-            self._pixel_means = self._pixel_means.to(self.network.device)
-        network_input = normalize(batch.to(self.network.device), self._pixel_means).to(self.network.dtype)
+        network_input = normalize(batch.to(self.network.device), self._means()).to(self.network.dtype)
         sizes = [(int(h), int(w)) for h, w in image_sizes]
         return self.postprocessor.suppress(
             Candidates.cat(self._passes(network_input, sizes, size)), len(sizes)
