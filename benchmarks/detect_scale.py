@@ -6,7 +6,7 @@ as a user would, in fresh processes (`torchrun --standalone` for 2):
 
 * images/s of the detection loop (rank 0's clock; every process's images) and of the wall time
   including start-up, for each preset x processes x workers;
-* a run killed (SIGKILL to the whole process group) at a random point and run again on the same
+* a run killed (SIGKILL to torchrun and every process under it) at a random point and run again on the same
   folder: images done before the kill, images the resumed run detected, images lost (in flight,
   detected twice), and the time lost against the uninterrupted run.
 
@@ -20,6 +20,7 @@ Prints a table and writes everything to a JSON file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -107,6 +108,31 @@ def records(out: Path) -> int:
     )
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (torchrun starts its workers in sessions of their own, so
+    killing torchrun's process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL `root` and all its descendants at once: a machine that loses power, not a Ctrl-C."""
+    for pid in process_tree(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def kill_and_resume(processes: int, folder: Path, weights: Path, out: Path, args: argparse.Namespace,
                     workers: int, full_wall: float, count: int, rng: random.Random) -> dict[str, Any]:  # fmt: skip
     command = detect_command(processes, folder, weights, out, args, workers)
@@ -118,7 +144,7 @@ def kill_and_resume(processes: int, folder: Path, weights: Path, out: Path, args
     try:
         process.wait(timeout=at)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun, its workers and their loaders alike
+        kill_tree(process.pid)  # torchrun, its workers and their loaders alike
         process.wait()
     killed_after = time.perf_counter() - start
     done_before = records(out)

@@ -270,6 +270,16 @@ def test_default_workers_leave_a_core_to_training(monkeypatch, cores, workers):
     assert get_train_config("paper", workers=7).workers == 7  # a chosen number is kept
 
 
+@pytest.mark.parametrize(("cores", "processes", "workers"), [(2, 2, 0), (8, 2, 3), (16, 2, 4), (3, 2, 0)])
+def test_default_workers_share_the_cores_between_processes(monkeypatch, cores, processes, workers):
+    import os
+
+    from m2det.device import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_workers(processes=processes) == workers  # per process: its share less one core
+
+
 def test_usable_cores_is_the_affinity_mask_not_the_machine(monkeypatch):
     import os
 

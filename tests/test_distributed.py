@@ -306,3 +306,22 @@ def test_the_trainers_validation_in_two_processes_scores_every_image_once(tmp_pa
     alone = evaluate(model, build_dataset(val_file, keep_ignored=True), batch_size=2, progress=False)
     assert alone.num_images == 4  # the validation images, each once
     assert {k: f"{v:.4f}" for k, v in ranks[0].items()} == {k: f"{v:.4f}" for k, v in alone.metrics.items()}
+
+
+def test_a_second_run_on_a_folder_being_written_is_refused(photo_folder, tiny_weights, tmp_path):
+    from typer.testing import CliRunner
+
+    from m2det.cli.main import app
+    from m2det.inference.runner import LOCK_FILE
+    from m2det.io.lock import FileLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(out / LOCK_FILE):  # as a run still writing there (e.g. orphaned workers) holds it
+        refused = CliRunner().invoke(app, detect_args(photo_folder, tiny_weights, out, "--no-save"))
+    assert refused.exit_code == 2, refused.output
+    assert f"process {os.getpid()}" in refused.output and "another --out" in refused.output
+    assert not (out / "detections.jsonl").exists()  # nothing written
+    # once the holder is gone, the same command runs
+    run_cli(detect_args(photo_folder, tiny_weights, out, "--no-save"), 1)
+    assert (out / "results_coco.json").is_file()

@@ -48,9 +48,10 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def default_workers(cores: Optional[int] = None) -> int:
+def default_workers(cores: Optional[int] = None, processes: int = 1) -> int:
     """DataLoader workers that fit the machine: one core less than it has (one stays with the training
     process), at most `MAX_DEFAULT_WORKERS`; 0 on one core, where the main process loads the data.
-    Never more than the cores, which is what torch warns about."""
-    cores = usable_cores() if cores is None else cores
+    Never more than the cores, which is what torch warns about. With several `processes` on the
+    machine (torchrun), each gets its share of the cores."""
+    cores = max(1, (usable_cores() if cores is None else cores) // processes)
     return max(0, min(MAX_DEFAULT_WORKERS, cores - 1))

@@ -89,7 +89,7 @@ def detect(
 
     from m2det.boxes.postprocess import get_settings
     from m2det.cli.common import relaunch_with_torchrun
-    from m2det.device import default_workers, usable_cores
+    from m2det.device import default_workers
     from m2det.engine import distributed
     from m2det.inference.detector import Detector
     from m2det.inference.network import check_backend_choice
@@ -128,7 +128,7 @@ def detect(
                 flip=flip,
             )
         if workers is None:
-            workers = default_workers(max(1, usable_cores() // info.world_size))
+            workers = default_workers(processes=info.world_size)
         fresh = out is None
         out_dir = distributed.broadcast_object(
             next_run_dir(Path("runs") / "detect") if fresh and info.is_main else out

@@ -59,7 +59,13 @@ def evaluate_command(
         None, "--sizes", help="Multi-scale testing: input sizes, comma separated, e.g. 320,512."
     ),
     flip: bool = typer.Option(False, "--flip/--no-flip", help="Also run on mirrored images and merge."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Data loading processes."),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=0,
+        help="Processes decoding and resizing images while the model runs (default: one core less "
+        "than the process's share, at most 8; 0: in the main process).",
+    ),
     max_images: Optional[int] = typer.Option(
         None, "--max-images", min=1, help="Score only the first N images."
     ),
@@ -81,6 +87,7 @@ def evaluate_command(
     Writes metrics.json, per_class.csv, pr_curve.png and detections.json (COCO results format).
     """
     from m2det.cli.common import next_run_dir, relaunch_with_torchrun
+    from m2det.device import default_workers
     from m2det.engine import distributed
     from m2det.engine.evaluate import evaluate_weights, score_results_file
 
@@ -99,6 +106,8 @@ def evaluate_command(
         relaunch_with_torchrun(nproc)
         # under torchrun: each process runs its share of the images, rank 0 scores them all
         info, target = distributed.setup(device)
+        if workers is None:
+            workers = default_workers(processes=info.world_size)
         try:
             result, extra = evaluate_weights(
                 weights,

@@ -32,11 +32,13 @@ import torch
 from torch import Tensor
 
 from m2det.errors import M2DetError
+from m2det.io.lock import FileLock, LockHeld
 
 DETECTIONS_JSON = "detections.json"
 DETECTIONS_JSONL = "detections.jsonl"
 COCO_RESULTS_JSON = "results_coco.json"
 RUN_JSON = "detect_run.json"  # what made the records; a resumed run must detect the same way
+LOCK_FILE = ".detect.lock"  # held by rank 0 while a run writes the folder
 
 
 def coco_category_ids(class_names: list[str]) -> list[int]:
@@ -156,6 +158,7 @@ class DetectRun:
         self.rank, self.world_size = rank_and_world()
         self._categories = coco_category_ids(self.detector.class_names)
         self._records: Any = None
+        self._lock: Optional[FileLock] = None
         self._items: list[Any] = []
         self._names: dict[str, str] = {}
 
@@ -164,11 +167,16 @@ class DetectRun:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+        self._unlock()
 
     def close(self) -> None:
         """Close this process's records file (what it holds stays: one line per image recorded)."""
         if self._records is not None:
             self._records.close()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     # ----- what was done before -----
     def _settings(self) -> dict[str, Any]:
@@ -189,6 +197,8 @@ class DetectRun:
 
         problem: Optional[str] = None
         if self.rank == 0:
+            problem = self._lock_folder()
+        if self.rank == 0 and problem is None:
             run_file = self.out_dir / RUN_JSON
             parts = part_files(self.out_dir)
             settings = self._settings()
@@ -214,6 +224,17 @@ class DetectRun:
         done = {record_key(r) for path in part_files(self.out_dir) for r in read_json_lines(path)}
         barrier()  # nobody appends before every process has read
         return done
+
+    def _lock_folder(self) -> Optional[str]:
+        """Take the folder's lock (rank 0, for the whole run); the error when another run holds it."""
+        try:
+            self._lock = FileLock(self.out_dir / LOCK_FILE).acquire()
+        except LockHeld as held:
+            return (
+                f"{self.out_dir}: another m2det detect (process {held.holder or '?'}) is writing to this "
+                "folder; wait for it to finish (or stop it), or give another --out"
+            )
+        return None
 
     # ----- the loop -----
     def process(self, items: list) -> None:
@@ -432,6 +453,7 @@ class DetectRun:
                 if self.world_size == 1:
                     raise
                 failure = exc
+        self._unlock()
         failure, summary = broadcast_object((failure, summary))
         if failure is not None:
             raise failure
