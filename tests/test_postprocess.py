@@ -204,6 +204,21 @@ def test_official_settings_on_a_hand_made_case():
     assert paper["scores"][2].item() == pytest.approx(0.8 * (1 - 36 / 81), abs=1e-6)
 
 
+@pytest.mark.parametrize("settings", [OFFICIAL, PAPER])
+def test_boxes_that_overflow_are_no_detections(settings):
+    # offsets far outside the trained range (random weights): exp overflows to inf, and the
+    # corner arithmetic turns inf - inf into NaN; such a box must not become a detection
+    anchors = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.6, 0.6], [0.3, 0.3, 0.4, 0.4]])
+    loc = torch.tensor([[[0.0, 0.0, 1e4, 0.0], [0.0, 0.0, 0.0, 0.0], [float("nan"), 0.0, 0.0, 0.0]]])
+    logits = torch.tensor([[[0.0, 5.0], [0.0, 4.0], [0.0, 6.0]]])
+    (out,) = PostProcessor(BoxCoder(), settings)(loc, logits, anchors, [(100, 200)])
+    assert out["boxes"].shape == (1, 4) and torch.isfinite(out["boxes"]).all()
+    expected, _ = PostProcessor(BoxCoder(), settings).decode(
+        loc[:, 1:2], logits[:, 1:2], anchors[1:2], [(100, 200)]
+    )
+    assert torch.equal(out["boxes"], expected[0])
+
+
 def test_official_boxes_are_not_clipped():
     anchors = torch.tensor([[0.1, 0.1, 0.5, 0.5]])
     loc, logits = torch.zeros(1, 1, 4), torch.tensor([[[0.0, 5.0]]])

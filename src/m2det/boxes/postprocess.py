@@ -161,9 +161,10 @@ class PostProcessor:
         return boxes, logits.float().softmax(dim=-1)
 
     def candidates(self, boxes: Tensor, probs: Tensor) -> Candidates:
-        """The (image, anchor, class) triples scoring above the threshold, background excluded."""
+        """The (image, anchor, class) triples scoring above the threshold, background excluded, and
+        boxes that are not finite (offsets so large that exp overflows, as random weights give)."""
         _, num_anchors, num_classes = probs.shape
-        above = probs > self.settings.score_threshold
+        above = (probs > self.settings.score_threshold) & torch.isfinite(boxes).all(dim=-1, keepdim=True)
         above[..., 0] = False
         flat = above.view(-1).nonzero().squeeze(1)  # in (image, anchor, class) order
         box_index = torch.div(flat, num_classes, rounding_mode="floor")
