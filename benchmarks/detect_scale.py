@@ -214,6 +214,9 @@ def main() -> None:
             kills.append(
                 {"preset": preset, "processes": fastest["processes"], "workers": fastest["workers"], **kill}
             )
+            print(f"{preset:16s} killed after {kill['killed_after_s']:.1f} s with {kill['done_before_kill']} "
+                  f"images done; resumed {kill['resumed_images']}, lost {kill['images_lost']}, "
+                  f"time lost {kill['time_lost_s']:.1f} s", flush=True)  # fmt: skip
     print()
     print(
         f"m2det detect on {args.images} images, device {args.device}, batch {args.batch} per process, no pictures"
