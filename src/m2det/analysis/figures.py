@@ -120,8 +120,9 @@ def plot_activations(
     figure.colorbar(colorbar, ax=grid.ravel().tolist(), shrink=0.8, label=label)
     figure.suptitle(
         title
-        or f"{explanation.model_name}: {what} of the classification features per scale and level "
-        f"(level 0 = first TUM); {how}"
+        or f"{explanation.model_name}: {what} of the classification features\n"
+        f"rows: scales (0 = largest map), columns: levels (0 = first TUM)\n{how}",
+        fontsize="medium",
     )
     return save_figure(figure, path)
 
@@ -154,7 +155,7 @@ def plot_attention(explanation: Explanation, path: Union[str, Path]) -> Path:
         yticks=range(scales),
         xlabel="level (0 = first TUM)",
         ylabel="scale (0 = largest map)",
-        title="mean sigmoid weight of each level's channels",
+        title="mean weight per level",
     )
     figure.colorbar(image, ax=left, shrink=0.8)
     channels = len(explanation.channel_attention[0])
