@@ -244,3 +244,22 @@ def test_cli_errors_name_what_is_wrong(tmp_path, bccd_root, sfam_weights):
         result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
+
+
+def test_without_sfam_no_attention_picture_and_each_row_on_its_own_scale(tmp_path, one_thread):
+    from m2det.analysis.figures import plot_attention, save_explanation
+
+    found = explain(explain_model(levels=2), random_image(5), score_threshold=0.5)
+    written = save_explanation(found, random_image(5), tmp_path, "noise", normalize="scale", scales=[2, 0])
+    assert sorted(written) == ["activation", "json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noise_activation.png", "noise_explain.json"]
+    data = json.loads(written["json"].read_text())
+    assert data["normalize"] == "scale" and data["sfam"] is False
+    assert all(scale["attention"] is None for scale in data["scales"])
+    with pytest.raises(M2DetError, match="has no SFAM"):
+        plot_attention(found, tmp_path / "attention.png")
+    with pytest.raises(M2DetError, match="scales must be among 0..2"):
+        save_explanation(found, random_image(5), tmp_path, "bad", scales=[3])
+    with pytest.raises(M2DetError, match="normalize must be one of"):
+        save_explanation(found, random_image(5), tmp_path, "bad", normalize="row")
+    assert len(list(tmp_path.iterdir())) == 2  # the refused calls wrote nothing
