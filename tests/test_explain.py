@@ -90,6 +90,21 @@ def test_only_the_forced_level_fires_where_it_was_forced(levels, reduction, one_
     assert found.strongest(box) == (scale, level, pytest.approx(EXPECTED[reduction]))
     # a box elsewhere sees nothing at that scale
     assert float(found.box_activation([0, 0, WIDTH / side, HEIGHT / side])[scale].abs().max()) == 0.0
+    # the JSON's per-detection numbers; a diverged model's non-finite box fires nowhere
+    found.detections = {
+        "boxes": torch.tensor([box, [0.0, 0.0, math.nan, 10.0]]),
+        "scores": torch.tensor([0.9, 0.8]),
+        "labels": torch.tensor([1, 2]),
+    }
+    first, diverged = found.to_dict()["detections"]
+    assert (
+        first["name"] == "red"
+        and first["strongest"]["scale"] == scale
+        and first["strongest"]["level"] == level
+    )
+    assert first["strongest_level_per_scale"][scale] == level
+    assert diverged["strongest"] is None and found.strongest(diverged["box"]) is None
+    assert all(math.isnan(v) for row in diverged["activation"] for v in row)
 
 
 def test_the_network_runs_unchanged_and_the_hooks_go(one_thread):

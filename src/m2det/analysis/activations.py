@@ -14,6 +14,7 @@ attention), so the network runs its own forward unchanged, once, through the sam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -106,9 +107,12 @@ class Explanation:
 
     def box_activation(self, box: Sequence[float]) -> Tensor:
         """`[num_scales, num_levels]`: each map's strongest value over the cells whose centre lies in
-        the xyxy pixel `box` (for a box smaller than a cell, the cell nearest the box's centre)."""
+        the xyxy pixel `box` (for a box smaller than a cell, the cell nearest the box's centre); NaN
+        for a box with a non-finite corner."""
         x1, y1, x2, y2 = (float(v) for v in box)
-        out = torch.empty(self.num_scales, self.num_levels)
+        out = torch.full((self.num_scales, self.num_levels), math.nan)
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):  # a diverged model's box: it covers no cell
+            return out
         for scale, (heat, centers) in enumerate(zip(self.activation, self.cell_centers)):
             cx, cy = centers[..., 0], centers[..., 1]
             inside = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
@@ -118,9 +122,12 @@ class Explanation:
             out[scale] = heat[:, inside].amax(dim=1)
         return out
 
-    def strongest(self, box: Sequence[float]) -> tuple[int, int, float]:
-        """(scale, level, value) of the map that fires most inside `box`: "it fires at level k of scale s"."""
+    def strongest(self, box: Sequence[float]) -> Optional[tuple[int, int, float]]:
+        """(scale, level, value) of the map that fires most inside `box`: "it fires at level k of
+        scale s"; None for a box with a non-finite corner."""
         values = self.box_activation(box)
+        if bool(values.isnan().all()):
+            return None
         index = int(torch.argmax(values))
         scale, level = divmod(index, self.num_levels)
         return scale, level, float(values[scale, level])
@@ -157,16 +164,18 @@ class Explanation:
             self.detections["labels"].tolist(),
         ):
             values = self.box_activation(box)
-            scale, level, value = self.strongest(box)
+            found = self.strongest(box)
             detections.append(
                 {
                     "box": [round(v, 2) for v in box],
                     "score": round(score, 4),
                     "label": int(label),
                     "name": self.class_names[label - 1],
-                    "strongest": {"scale": scale, "level": level, "value": value},
-                    "strongest_level_per_scale": values.argmax(dim=1).tolist(),
-                    "activation": values.tolist(),
+                    "strongest": None
+                    if found is None
+                    else {"scale": found[0], "level": found[1], "value": found[2]},
+                    "strongest_level_per_scale": None if found is None else values.argmax(dim=1).tolist(),
+                    "activation": values.tolist(),  # NaN (null in the JSON) for a non-finite box
                 }
             )
         return {

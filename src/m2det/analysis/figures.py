@@ -184,12 +184,12 @@ def save_explanation(
     """Write `NAME_activation.png`, `NAME_attention.png` (with SFAM) and `NAME_explain.json` (the
     numbers, `Explanation.to_dict` plus `extra`) into `out_dir`, each atomically; returns the paths."""
     out = Path(out_dir)
+    data = {**(extra or {}), "normalize": normalize, **explanation.to_dict()}  # before any file is written
     activation = plot_activations(
         explanation, image, out / f"{name}_activation.png", normalize=normalize, scales=scales
     )
     written = {"activation": activation}
     if explanation.attention is not None:
         written["attention"] = plot_attention(explanation, out / f"{name}_attention.png")
-    data = {**(extra or {}), "normalize": normalize, **explanation.to_dict()}
     written["json"] = write_json(out / f"{name}_explain.json", data, indent=1)
     return written

@@ -113,12 +113,12 @@ def explain(
     for box, score_value, label in zip(
         dets["boxes"].tolist(), dets["scores"].tolist(), dets["labels"].tolist()
     ):
-        at_scale, at_level, _ = found.strongest(box)
+        strongest = found.strongest(box)
         corners = ", ".join(f"{v:.0f}" for v in box)
-        typer.echo(
-            f"{found.class_names[label - 1]} {score_value:.2f} [{corners}]: "
-            f"strongest at scale {at_scale}, level {at_level}"
+        where = (
+            "not finite" if strongest is None else f"strongest at scale {strongest[0]}, level {strongest[1]}"
         )
+        typer.echo(f"{found.class_names[label - 1]} {score_value:.2f} [{corners}]: {where}")
     typer.echo(
         f"{len(found.detections['boxes'])} detections; wrote " + ", ".join(str(p) for p in written.values())
     )
