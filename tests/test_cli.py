@@ -36,6 +36,7 @@ COMMANDS = [
     "browse-data",
     "eval",
     "detect",
+    "explain",
     "serve",
     "train",
     "demo",
@@ -47,6 +48,7 @@ ARGUMENTS = {
     "convert-backbone": "SOURCE OUTPUT",
     "browse-data": "DATA",
     "detect": "SOURCE",
+    "explain": "IMAGE",
     "export": "OUTPUT",
 }
 

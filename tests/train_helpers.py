@@ -16,9 +16,10 @@ SIZE = 64
 
 
 def tiny_model(
-    num_classes: int = 3, seed: int = 0, class_names: Optional[list[str]] = None
+    num_classes: int = 3, seed: int = 0, class_names: Optional[list[str]] = None, **overrides: Any
 ) -> torch.nn.Module:
-    """m2det_tiny shrunk to a 64-pixel input with 3 scales and narrow layers."""
+    """m2det_tiny shrunk to a 64-pixel input with 3 scales and narrow layers; `overrides` (dotted
+    keys, e.g. ``**{"mlfpn.sfam": True}``) change it further."""
     torch.manual_seed(seed)
     return build_model(
         get_config(
@@ -34,6 +35,7 @@ def tiny_model(
                 "backbone.width": 16,
                 "anchors.steps": None,
                 "anchors.size_pattern": [0.2, 0.4, 0.7, 1.0],
+                **overrides,
             },
         )
     )

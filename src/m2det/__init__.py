@@ -6,6 +6,7 @@ from typing import Union
 
 from torch import Tensor
 
+from m2det.analysis import Explanation, explain
 from m2det.config import ModelConfig, get_config, list_presets
 from m2det.inference.detector import Detector
 from m2det.models import M2Det, build_model, config_anchors
@@ -37,10 +38,12 @@ def transfer_weights(model: M2Det, source, class_map=None):  # noqa: ANN001
 
 __all__ = [
     "Detector",
+    "Explanation",
     "M2Det",
     "ModelConfig",
     "anchors",
     "build_model",
+    "explain",
     "get_config",
     "list_presets",
     "load_official",

@@ -105,12 +105,16 @@ class SFAM(nn.Module):
         self.fc1 = layers(channels, hidden)
         self.fc2 = layers(hidden, channels)
 
+    def channel_weights(self, features: list[Tensor]) -> list[Tensor]:
+        """The attention `s` of the paper's Eq. 2 per scale: sigmoid weights `[N, C, 1, 1]` in (0, 1);
+        public so that analysis (`m2det.analysis`) reads the very weights `forward` applies."""
+        return [
+            torch.sigmoid(fc2(F.relu(fc1(F.adaptive_avg_pool2d(x, 1)))))
+            for x, fc1, fc2 in zip(features, self.fc1, self.fc2)
+        ]
+
     def forward(self, features: list[Tensor]) -> list[Tensor]:
-        out = []
-        for x, fc1, fc2 in zip(features, self.fc1, self.fc2):
-            weights = torch.sigmoid(fc2(F.relu(fc1(F.adaptive_avg_pool2d(x, 1)))))
-            out.append(x * weights)
-        return out
+        return [x * weights for x, weights in zip(features, self.channel_weights(features))]
 
 
 class MLFPN(nn.Module):
