@@ -14,7 +14,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -33,12 +33,22 @@ class BackboneConfig:
     width: int = 32  # base width of the tiny backbone; ignored by the others
 
 
+# What builds the feature pyramid the heads read: the MLFPN, or one of Table 2's SSD baselines.
+PYRAMID_KINDS: tuple[str, ...] = ("mlfpn", "ssd", "ssd_deconv")
+PyramidKind = Literal["mlfpn", "ssd", "ssd_deconv"]
+
+
 @dataclass
 class MLFPNConfig:
     """The Multi-Level Feature Pyramid Network: FFMv1, `num_levels` TUM/FFMv2 pairs, SFAM.
 
     `shared_leach` and `shared_sfam` reproduce the official code, where one 1x1 conv reduces the
     base feature for every level and one SE pair serves every scale; checkpoints rely on that.
+    The fields after `deep_out` build the paper's Table 2 ablation (`m2det.models.variants`); their
+    defaults are M2Det itself, so a configuration written before they existed builds the same net:
+    `kind` "ssd" / "ssd_deconv" replaces the MLFPN by SSD's pyramid (one level; `planes` sets the
+    extra layers' width), `smooth=False` makes every TUM an s-TUM, `base_every_level=False` feeds
+    the base feature to the first TUM only (no FFMv2).
     """
 
     planes: int = 256
@@ -51,6 +61,8 @@ class MLFPNConfig:
     shared_sfam: bool = True
     shallow_out: int = 256  # FFMv1 `reduce` output channels (fixed in the official code)
     deep_out: int = 512  # FFMv1 `up_reduce` output channels (fixed in the official code)
+    kind: PyramidKind = "mlfpn"
+    base_every_level: bool = True  # FFMv2 joins the base feature into every TUM after the first
 
 
 # the official 320 steps (with the default size_pattern); ints as there, so a written default shows 8, not 8.0
@@ -100,6 +112,18 @@ class ModelConfig:
             raise ConfigError(f"mlfpn.planes must be an even number >= 2, got {m.planes}")
         if m.num_levels < 1:
             raise ConfigError(f"mlfpn.num_levels must be >= 1, got {m.num_levels}")
+        if m.kind not in PYRAMID_KINDS:
+            raise ConfigError(f"mlfpn.kind must be one of {', '.join(PYRAMID_KINDS)}, got {m.kind!r}")
+        if m.kind != "mlfpn" and m.num_levels != 1:
+            raise ConfigError(
+                f"mlfpn.kind {m.kind!r} builds SSD's pyramid, which has one level: set mlfpn.num_levels=1 "
+                f"(got {m.num_levels}), or use the variant (m2det.models.variants, `m2det models --variants`)"
+            )
+        if m.kind != "mlfpn" and m.sfam:
+            raise ConfigError(
+                f"mlfpn.sfam aggregates the levels of the MLFPN; mlfpn.kind {m.kind!r} has none: "
+                "set mlfpn.sfam=false or mlfpn.kind=mlfpn"
+            )
         if m.num_scales < 3:
             raise ConfigError(f"mlfpn.num_scales must be >= 3, got {m.num_scales}")
         if m.sfam and (m.planes * m.num_levels) // m.sfam_reduction < 1:
@@ -427,6 +451,37 @@ PRESETS: dict[str, Any] = {
 }
 
 
+# The paper's Table 2 ablation, column by column, as overrides that turn any preset into that column
+# (`get_config("m2det320_vgg16+ssd")`; `m2det.models.variants` for the rest). The columns are
+# cumulative: SSD -> + DSSD's deconvolution layers -> MLFPN of 8 s-TUMs -> 8 TUMs -> + the base
+# feature at every TUM -> + SFAM -> ResNet-101; so the s-TUM and TUM columns come before "+ Base
+# feature" and their later TUMs read only the previous TUM's output. Each sets every field that
+# tells the columns apart, so that a variant is the same whatever the base preset had on.
+_M2DET_PARTS: dict[str, Any] = {
+    "mlfpn.kind": "mlfpn",
+    "mlfpn.smooth": True,
+    "mlfpn.base_every_level": True,
+    "mlfpn.sfam": False,
+}
+TABLE2_VARIANTS: dict[str, dict[str, Any]] = {
+    # the baseline: the backbone's own two maps and SSD's extra layers, no MLFPN (one level)
+    "ssd": {**_M2DET_PARTS, "mlfpn.kind": "ssd", "mlfpn.num_levels": 1},
+    # + DSSD's deconvolution modules, top-down over the SSD pyramid
+    "ssd_deconv": {**_M2DET_PARTS, "mlfpn.kind": "ssd_deconv", "mlfpn.num_levels": 1},
+    # MLFPN of s-TUMs (no 1x1 smoothing convs after the decoder's sums), base feature into the first only
+    "stum": {**_M2DET_PARTS, "mlfpn.smooth": False, "mlfpn.base_every_level": False},
+    # TUMs, the base feature into the first only
+    "tum_first_base": {**_M2DET_PARTS, "mlfpn.base_every_level": False},
+    # + the base feature at every TUM (FFMv2): M2Det as the authors released it
+    "tum": dict(_M2DET_PARTS),
+    # + SFAM
+    "tum_sfam": {**_M2DET_PARTS, "mlfpn.sfam": True},
+    # VGG16 -> ResNet-101, with SFAM as in the table's last column; a VGG weights file does not carry over
+    "resnet101": {**_M2DET_PARTS, "mlfpn.sfam": True, "backbone.name": "resnet101", "backbone.weights": None},
+}
+VARIANT_SEPARATOR = "+"  # "m2det320_vgg16+ssd": a preset made into a Table 2 variant
+
+
 def list_presets() -> list[str]:
     return list(PRESETS)
 
@@ -435,14 +490,33 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     """A preset by name with top-level or nested overrides.
 
     Nested sections take a dict (``mlfpn={"planes": 128}``) or a dataclass instance; a dotted
-    form is also accepted (``**{"mlfpn.planes": 128}``).
+    form is also accepted (``**{"mlfpn.planes": 128}``). `PRESET+VARIANT` (``m2det320_vgg16+ssd``)
+    is the preset made into one of `TABLE2_VARIANTS` (see `with_variant`), then the overrides.
     """
-    if not isinstance(name, str) or name not in PRESETS:
+    preset, separator, variant = (
+        name.partition(VARIANT_SEPARATOR) if isinstance(name, str) else (name, "", "")
+    )
+    if not isinstance(preset, str) or preset not in PRESETS:
         # a part of a name ("resnet") suggests every preset holding it, a misspelling the nearest ones
-        close = close_matches(str(name), list(PRESETS))
+        close = close_matches(str(preset), list(PRESETS))
         guess = f"did you mean {' or '.join(close)}? " if close else ""
-        raise ConfigError(f"unknown preset {name!r}; {guess}known presets: {', '.join(PRESETS)}")
-    return with_overrides(PRESETS[name](), **overrides)
+        raise ConfigError(f"unknown preset {preset!r}; {guess}known presets: {', '.join(PRESETS)}")
+    if separator:
+        return with_variant(PRESETS[preset](), variant, **overrides)
+    return with_overrides(PRESETS[preset](), **overrides)
+
+
+def with_variant(config: ModelConfig, variant: str, **overrides: Any) -> ModelConfig:
+    """`config` made into Table 2's `variant` (a key of `TABLE2_VARIANTS`), then `overrides`; named
+    `<config name>+<variant>` unless the overrides name it."""
+    if variant not in TABLE2_VARIANTS:
+        close = close_matches(str(variant), list(TABLE2_VARIANTS))
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(
+            f"unknown Table 2 variant {variant!r}; {guess}variants: {', '.join(TABLE2_VARIANTS)}"
+        )
+    name = f"{config.name}{VARIANT_SEPARATOR}{variant}"
+    return with_overrides(config, **{"name": name, **TABLE2_VARIANTS[variant], **overrides})
 
 
 def with_overrides(config: ModelConfig, **overrides: Any) -> ModelConfig:

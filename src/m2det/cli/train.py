@@ -47,7 +47,8 @@ def train(
         "--model",
         "--preset",
         help="Model preset when --config has no model (default m2det320_vgg16, or the --weights file's "
-        "own); with an official .pth in --weights, the preset it was trained as.",
+        "own), or PRESET+VARIANT for one of the paper's Table 2 variants (m2det models --variants); "
+        "with an official .pth in --weights, the preset it was trained as.",
     ),
     overrides: list[str] = typer.Option(
         [],

@@ -14,16 +14,28 @@ from m2det.config import ModelConfig, get_config, with_overrides
 from m2det.models.backbones import build_backbone, feature_sizes_fn
 from m2det.models.head import M2DetHead
 from m2det.models.mlfpn import MLFPN, BasicConv
+from m2det.models.ssd import SSDPyramid
 from m2det.models.transform import normalize, pixel_means_tensor, resize_and_normalize
 
 
 def pyramid_sizes(config: ModelConfig, input_size: Optional[int] = None) -> list[int]:
     """Spatial size of each pyramid scale (largest first) for a square input, without running the net."""
     size = int(input_size or config.input_size)
-    shallow, _ = feature_sizes_fn(config.backbone.name)(size)
-    sizes = MLFPN.scale_sizes(shallow, config.mlfpn.num_scales)
+    shallow, deep = feature_sizes_fn(config.backbone.name)(size)
+    if config.mlfpn.kind == "mlfpn":
+        sizes = MLFPN.scale_sizes(shallow, config.mlfpn.num_scales)
+    else:
+        sizes = SSDPyramid.scale_sizes(shallow, deep, config.mlfpn.num_scales)
     check_feature_sizes(sizes, size, config.name)
     return sizes
+
+
+def build_pyramid(shallow_channels: int, deep_channels: int, config: ModelConfig) -> Union[MLFPN, SSDPyramid]:
+    """The module between backbone and heads that `config.mlfpn.kind` names: the MLFPN, or one of
+    Table 2's SSD baselines (see `m2det.models.variants`)."""
+    if config.mlfpn.kind == "mlfpn":
+        return MLFPN(shallow_channels, deep_channels, config.mlfpn)
+    return SSDPyramid(shallow_channels, deep_channels, config.mlfpn)
 
 
 def config_anchors(config: ModelConfig, input_size: Optional[int] = None) -> Tensor:
@@ -51,9 +63,10 @@ class M2Det(nn.Module):
         config.validate()
         self.config = config
         self.backbone = build_backbone(config.backbone)
-        self.mlfpn = MLFPN(self.backbone.shallow_channels, self.backbone.deep_channels, config.mlfpn)
+        # named `mlfpn` whatever `config.mlfpn.kind` builds: checkpoints and tools know the name
+        self.mlfpn = build_pyramid(self.backbone.shallow_channels, self.backbone.deep_channels, config)
         self.head = M2DetHead(
-            self.mlfpn.out_channels,
+            self.mlfpn.scale_channels,
             config.anchors.num_anchors_per_location,
             config.num_classes,
             config.mlfpn.num_scales,

@@ -56,6 +56,7 @@ class TUM(nn.Module):
     1x1 smoothing, returning `num_scales` maps of `planes` channels, smallest first.
 
     The last encoder conv is 3x3/stride 1/no padding, as in the official code (3x3 -> 1x1 at 320).
+    `smooth=False` leaves out the 1x1 convs after the decoder's sums: the paper's s-TUM (Table 2).
     """
 
     def __init__(self, in_channels: int, planes: int, num_scales: int = 6, smooth: bool = True):
@@ -120,8 +121,11 @@ class SFAM(nn.Module):
 class MLFPN(nn.Module):
     """Base feature -> `num_levels` alternating FFMv2/TUM -> scale-wise concat -> SFAM -> Norm.
 
-    Returns `num_scales` maps of `planes * num_levels` channels, largest scale first. With
-    `shared_leach=True` (the official code) one 1x1 conv reduces the base feature for all levels.
+    Returns `num_scales` maps of `planes * num_levels` channels, largest scale first, level k in
+    channels [k * planes, (k + 1) * planes). With `shared_leach=True` (the official code) one 1x1
+    conv reduces the base feature for all levels. Table 2's ablation: `smooth=False` builds s-TUMs;
+    `base_every_level=False` gives the base feature to the first TUM only, each later TUM reading
+    just the previous TUM's largest output (no FFMv2, so one leach conv and `planes` input channels).
     """
 
     def __init__(self, shallow_channels: int, deep_channels: int, config: MLFPNConfig):
@@ -133,16 +137,20 @@ class MLFPN(nn.Module):
         def leach_conv() -> BasicConv:
             return BasicConv(self.ffm1.out_channels, half, 1)
 
+        self.base_every_level = c.base_every_level
+        leaches = c.num_levels if c.base_every_level else 1
         if c.shared_leach:
-            self.leach = nn.ModuleList([leach_conv()] * c.num_levels)
+            self.leach = nn.ModuleList([leach_conv()] * leaches)
         else:
-            self.leach = nn.ModuleList(leach_conv() for _ in range(c.num_levels))
+            self.leach = nn.ModuleList(leach_conv() for _ in range(leaches))
         self.ffm2 = FFMv2()
+        later_in = half + c.planes if c.base_every_level else c.planes
         self.tums = nn.ModuleList(
-            TUM(half if level == 0 else half + c.planes, c.planes, c.num_scales, c.smooth)
+            TUM(half if level == 0 else later_in, c.planes, c.num_scales, c.smooth)
             for level in range(c.num_levels)
         )
         self.out_channels = c.planes * c.num_levels
+        self.scale_channels = [self.out_channels] * c.num_scales
         self.sfam = SFAM(self.out_channels, c.num_scales, c.sfam_reduction, c.shared_sfam) if c.sfam else None
         self.norm = nn.BatchNorm2d(self.out_channels)
         self.num_scales = c.num_scales
@@ -150,8 +158,11 @@ class MLFPN(nn.Module):
     def forward(self, shallow: Tensor, deep: Tensor) -> list[Tensor]:
         base = self.ffm1(shallow, deep)
         levels = [self.tums[0](self.leach[0](base))]
-        for leach, tum in zip(self.leach[1:], self.tums[1:]):
-            levels.append(tum(self.ffm2(leach(base), levels[-1][-1])))
+        for level, tum in enumerate(self.tums[1:], start=1):
+            previous = levels[-1][-1]
+            levels.append(
+                tum(self.ffm2(self.leach[level](base), previous) if self.base_every_level else previous)
+            )
         # TUM outputs are smallest-first; the pyramid is largest-first.
         pyramid = [torch.cat([level[i] for level in levels], dim=1) for i in reversed(range(self.num_scales))]
         if self.sfam is not None:
@@ -161,7 +172,8 @@ class MLFPN(nn.Module):
 
     @staticmethod
     def scale_sizes(base_size: int, num_scales: int) -> list[int]:
-        """Spatial sizes of the pyramid, largest first, for a base feature of `base_size`."""
+        """Spatial sizes of the pyramid, largest first, for a base feature of `base_size`: each TUM
+        encoder conv halves (rounding up) but the last, a 3x3 without padding (size - 2)."""
         sizes = [base_size]
         for _ in range(num_scales - 2):
             sizes.append((sizes[-1] + 1) // 2)
