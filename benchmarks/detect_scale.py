@@ -177,6 +177,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="Cores to share out (OMP_NUM_THREADS).")
     parser.add_argument("--seed", type=int, default=0, help="Where the kill falls.")
     parser.add_argument("--json", type=Path, default=Path("detect_scale.json"))
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="processes:workers pairs not to run, e.g. 2:on (workers on in 2 processes).",
+    )
+    parser.add_argument(
+        "--kill-presets", default=None, help="Presets whose fastest run is killed and resumed (default: all)."
+    )
     parser.add_argument("--tiny", action="store_true", help="Smoke test: 12 images, m2det_tiny, 1 worker.")
     args = parser.parse_args()
     sys.path.insert(0, str(SRC))
@@ -197,6 +205,8 @@ def main() -> None:
             weights = save_weights(preset, Path(tmp) / f"{preset}.safetensors")
             for n in processes:
                 for workers in (0, workers_on):
+                    if f"{n}:{'on' if workers else 0}" in args.skip.split(","):
+                        continue
                     out = Path(tmp) / f"out_{preset}_{n}_{workers}"
                     wall, found = run(
                         detect_command(n, folder, weights, out, args, workers), environment(n, args)
@@ -207,6 +217,8 @@ def main() -> None:
                     rows.append(row)
                     print(f"{preset:16s} processes {n} workers {workers}: {row['loop_images_per_s']:.2f} img/s "
                           f"(loop), {row['wall_images_per_s']:.2f} img/s (wall)", flush=True)  # fmt: skip
+            if args.kill_presets is not None and preset not in args.kill_presets.split(","):
+                continue
             fastest = max((r for r in rows if r["preset"] == preset), key=lambda r: r["wall_images_per_s"])
             out = Path(tmp) / f"killed_{preset}"
             kill = kill_and_resume(fastest["processes"], folder, weights, out, args, fastest["workers"],
