@@ -110,11 +110,12 @@ def load_network(
         from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 
         return OnnxRuntimeNetwork(weights, threads=threads)
-    model = load_model_for_inference(weights, preset).to(device).eval()
     if precision is None:
-        return model
-    from m2det.deploy.optimize import optimize_for_inference
+        return load_model_for_inference(weights, preset).to(device).eval()
+    from m2det.deploy.optimize import check_precision, optimize_for_inference
 
+    check_precision(precision, torch.device(device))  # before a large file is read
+    model = load_model_for_inference(weights, preset).to(device).eval()
     return optimize_for_inference(model, precision=precision)
 
 
