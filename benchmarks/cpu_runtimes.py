@@ -360,7 +360,8 @@ def main() -> None:
     )
     results: list[dict[str, Any]] = []
     for preset in args.presets.split(","):
-        authors = build_authors(args.authors_code, preset) if args.authors_code else None
+        vgg = get_config(preset).backbone.name == "vgg16"  # what the authors' code is wired for here
+        authors = build_authors(args.authors_code, preset) if args.authors_code and vgg else None
         if authors is not None:
             ours = build_official_model(authors.state_dict(), preset).eval()
         else:
