@@ -10,6 +10,7 @@ from torch import nn
 import m2det
 from m2det.deploy import AffineInputConv2d, OptimizedNetwork, fold_batchnorms, optimize_for_inference
 from m2det.deploy.fuse import count_batchnorms
+from m2det.deploy.prepack import PackedConv2d, count_packed
 from m2det.inference import DetectionPipeline, Network
 
 THIN_VGG = {"mlfpn": {"planes": 16, "num_levels": 2, "shallow_out": 16, "deep_out": 32}}
@@ -70,7 +71,8 @@ def test_optimized_network_is_an_eval_network_with_channels_last_weights():
     assert fast.config is fast.model.config and fast.fixed_input_size is None
     assert not any(m.training for m in fast.modules()) and not any(p.requires_grad for p in fast.parameters())
     assert fast.options.channels_last
-    conv = fast.model.backbone.stem[0]
+    assert isinstance(fast.model.backbone.stem[0], PackedConv2d)  # weights in oneDNN's own layout
+    conv = optimize_for_inference(model, prepack=False).model.backbone.stem[0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     x = batch_of_images(model, 3, seed=1)
     with torch.no_grad():
@@ -82,7 +84,7 @@ def test_optimized_network_is_an_eval_network_with_channels_last_weights():
 
 def test_shared_leach_stays_one_module_after_folding():
     model = with_trained_statistics(m2det.build_model("m2det_tiny", num_classes=4))
-    fast = optimize_for_inference(model)
+    fast = optimize_for_inference(model, prepack=False)
     leach = fast.model.mlfpn.leach
     assert all(level is leach[0] for level in leach)
     assert isinstance(leach[0].bn, nn.Identity) and leach[0].conv.bias is not None
@@ -149,3 +151,51 @@ def test_bad_use_is_refused_with_a_clear_error():
 
     with pytest.raises(ValueError, match="original PyTorch M2Det"):  # export folds the original itself
         DetectionGraph(optimize_for_inference(model))
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation", "relu", "channels_last"),
+    [(1, 1, 1, True, True), (2, 1, 1, False, True), (1, 6, 6, True, False), (1, 0, 1, False, False)],
+)
+def test_packed_conv_equals_the_conv_it_replaces(stride, padding, dilation, relu, channels_last):
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3 if padding else 1, stride=stride, padding=padding, dilation=dilation).eval()
+    x = torch.randn(3, 16, 19, 23, generator=g)
+    expected = conv(x).relu() if relu else conv(x)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    # packed for another batch and size than it then runs at: still the same result
+    packed = PackedConv2d(conv, relu=relu, input_shape=[1, 16, 40, 40])
+    with torch.inference_mode():
+        actual = packed(x)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_prepacking_fuses_the_relu_after_each_conv_and_keeps_shared_modules_shared():
+    model = with_trained_statistics(m2det.build_model("m2det_tiny", num_classes=4))
+    fast = optimize_for_inference(model)
+    assert fast.options.prepack
+    assert not any(type(m) is nn.Conv2d for m in fast.modules())
+    relus = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in fast.modules())  # each one fused into its conv
+    assert sum(m.relu for m in fast.modules() if isinstance(m, PackedConv2d)) == relus
+    leach = fast.model.mlfpn.leach
+    assert all(level is leach[0] for level in leach) and isinstance(leach[0].conv, PackedConv2d)
+    assert not optimize_for_inference(model, prepack=False).options.prepack
+
+
+def test_prepacked_official_layout_model_equals_eager():
+    from conftest import random_official_state_dict
+    from m2det.models.loading import build_official_model
+
+    torch.manual_seed(0)
+    state = random_official_state_dict("vgg16", seed=3, num_classes=3)
+    model = build_official_model(state, "m2det320_vgg16", num_classes=3).eval()
+    x = batch_of_images(model, 1)
+    with torch.no_grad():
+        expected = model.forward_raw(x)
+    fast = optimize_for_inference(model)
+    assert count_packed(fast) == 2 * 6 + 15 + 8 * (5 + 1 + 5 + 5) + 3  # head, VGG, TUMs, FFMv1 + leach
+    for actual, reference in zip(fast.forward_raw(x), expected):
+        assert_close_relative(actual, reference)

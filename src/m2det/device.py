@@ -1,9 +1,11 @@
 """Choosing the device: names checked here, so a wrong one is a clear error, not a failure deep inside;
-and how many CPU cores this process may use, for data workers and compute threads."""
+how many CPU cores this process may use, for data workers and compute threads; and whether the CPU
+computes bfloat16 natively."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -55,3 +57,44 @@ def default_workers(cores: Optional[int] = None, processes: int = 1) -> int:
     machine (torchrun), each gets its share of the cores."""
     cores = max(1, (usable_cores() if cores is None else cores) // processes)
     return max(0, min(MAX_DEFAULT_WORKERS, cores - 1))
+
+
+# The x86 instructions that compute bfloat16 natively (Linux's names in /proc/cpuinfo): AVX512-BF16
+# (Cooper Lake, Zen 4 and later) and AMX (Sapphire Rapids and later). Without them oneDNN emulates
+# bfloat16 with float32 arithmetic plus conversions, slower than float32 itself.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPU_FP16_FLAGS = ("avx512_fp16", "amx_fp16")  # Sapphire Rapids (AVX512-FP16), Granite Rapids (AMX-FP16)
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Optional[str] = None) -> Optional[frozenset[str]]:
+    """The CPU's feature flags from the `flags` line of /proc/cpuinfo (or of the text `cpuinfo`);
+    None where there is no such file (macOS, Windows) or no flags line."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def cpu_supports_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16): from /proc/cpuinfo's
+    flags (or the text `cpuinfo`), else from torch's own CPU detection; False elsewhere (ARM, Apple)."""
+    flags = cpu_flags(cpuinfo)
+    if flags is not None:
+        return any(flag in flags for flag in CPU_BF16_FLAGS)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
+def cpu_supports_fp16(cpuinfo: Optional[str] = None) -> bool:
+    """Whether this CPU computes float16 natively (AVX512-FP16 or AMX-FP16), as `cpu_supports_bf16`."""
+    flags = cpu_flags(cpuinfo)
+    if flags is not None:
+        return any(flag in flags for flag in CPU_FP16_FLAGS)
+    return bool(getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)())

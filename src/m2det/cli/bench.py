@@ -44,7 +44,9 @@ def bench(
     compile_model: Optional[bool] = typer.Option(
         None, "--compile/--no-compile", help="torch.compile (override)."
     ),
-    precision: str = typer.Option("fp32", "--precision", help="PyTorch: fp32, fp16 or bf16 (autocast)."),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="PyTorch: fp32, fp16 or bf16 (bf16/fp16 on a CPU only where it has them)."
+    ),
     settings: str = typer.Option("paper", "--settings", help="Post-processing: paper or official."),
     load: str = typer.Option(
         "synthetic", "--load", help="Post-processing load: synthetic (--boxes above the threshold) or model."

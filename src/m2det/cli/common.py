@@ -166,6 +166,12 @@ def next_run_dir(root: Union[Path, str], prefix: str = "exp") -> Path:
         return candidate
 
 
+PRECISION_HELP = (
+    "fp32 | bf16 | fp16: run a PyTorch model on the fast path (optimize_for_inference) in this "
+    "precision; bf16/fp16 only on a CPU that computes them natively (default: the eager model, fp32)."
+)
+
+
 def parse_sizes(text: Optional[str]) -> Optional[list[int]]:
     """`--sizes` text such as "320,512" as a list of input sizes (None when empty)."""
     if text is None or not text.strip():

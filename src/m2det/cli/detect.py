@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from m2det.cli.common import next_run_dir, parse_sizes, user_errors
+from m2det.cli.common import PRECISION_HELP, next_run_dir, parse_sizes, user_errors
 from m2det.errors import M2DetError
 
 # Detections scoring below this (after NMS) are neither written nor drawn, as in other detectors'
@@ -64,6 +64,7 @@ def detect(
     backend: Optional[str] = typer.Option(
         None, "--backend", help="pytorch | onnxruntime (default: onnxruntime for an .onnx --weights file)."
     ),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
     resume: bool = typer.Option(
         True,
         "--resume/--no-resume",
@@ -92,11 +93,12 @@ def detect(
     from m2det.device import default_workers
     from m2det.engine import distributed
     from m2det.inference.detector import Detector
-    from m2det.inference.network import check_backend_choice
+    from m2det.inference.network import check_backend_choice, check_precision_choice
     from m2det.inference.runner import DetectRun
     from m2det.inference.sources import resolve_source
 
     check_backend_choice(backend, weights)  # an .onnx file loads as an ONNX Runtime model below
+    check_precision_choice(precision, weights)
     items = resolve_source(source)
     chosen = get_settings(settings)
     if nms is not None:
@@ -126,6 +128,7 @@ def detect(
                 batch_size=batch,
                 sizes=parse_sizes(sizes),
                 flip=flip,
+                precision=precision,
             )
         if workers is None:
             workers = default_workers(processes=info.world_size)
@@ -134,6 +137,8 @@ def detect(
             next_run_dir(Path("runs") / "detect") if fresh and info.is_main else out
         )
         run_info = {"weights": str(weights) if weights is not None else None, "preset": preset}
+        if precision is not None:  # only then: a folder from before --precision still resumes
+            run_info["precision"] = precision
         with DetectRun(
             detector,
             out_dir,

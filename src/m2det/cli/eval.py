@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from m2det.cli.common import parse_sizes, user_errors
+from m2det.cli.common import PRECISION_HELP, parse_sizes, user_errors
 from m2det.errors import M2DetError
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ def evaluate_command(
         None, "--sizes", help="Multi-scale testing: input sizes, comma separated, e.g. 320,512."
     ),
     flip: bool = typer.Option(False, "--flip/--no-flip", help="Also run on mirrored images and merge."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
     workers: Optional[int] = typer.Option(
         None,
         "--workers",
@@ -95,6 +96,8 @@ def evaluate_command(
         raise M2DetError("give exactly one of --weights (run a model) or --detections (score a results file)")
     if detections is not None and preset is not None:
         raise M2DetError("--preset goes with --weights (an official .pth checkpoint), not with --detections")
+    if detections is not None and precision is not None:
+        raise M2DetError("--precision goes with --weights (a model to run), not with --detections")
     if detections is not None:
         if not distributed.env_info().is_main:
             return  # scoring a file is one process's work
@@ -119,6 +122,7 @@ def evaluate_command(
                 score_threshold=score,
                 sizes=parse_sizes(sizes),
                 flip=flip,
+                precision=precision,
                 batch_size=batch,
                 workers=workers,
                 max_images=max_images,

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from m2det.cli.common import user_errors
+from m2det.cli.common import PRECISION_HELP, user_errors
 from m2det.errors import M2DetError
 
 
@@ -41,6 +41,7 @@ def serve(
         "requests may go down to the post-processing's candidate floor (0.05 for paper).",
     ),
     settings: str = typer.Option("paper", help="Post-processing: paper or official."),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     api_key: Optional[str] = typer.Option(
@@ -97,7 +98,9 @@ def serve(
         api_key=api_key,
         cors_origins=tuple(cors_origin or ()),
     )
-    detector = Detector(weights, preset=preset, device=device, settings=settings, batch_size=max_batch)
+    detector = Detector(
+        weights, preset=preset, device=device, settings=settings, batch_size=max_batch, precision=precision
+    )
     typer.echo(f"serving {detector.model.config.name} on http://{host}:{port} (POST /detect, docs at /docs)")
     limits = ServerLimits(
         header_timeout_s=header_timeout, keep_alive_s=keep_alive, max_connections=max_connections

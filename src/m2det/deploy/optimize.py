@@ -1,9 +1,10 @@
-"""The fast inference path: an M2Det network (a `m2det.inference.Network`) with folded BatchNorms, channels-last memory, inference mode,
-and optionally torch.compile, autocast and CUDA graphs, whose outputs equal the original's.
+"""The fast inference path: an M2Det network (a `m2det.inference.Network`) with folded BatchNorms,
+channels-last memory, oneDNN-prepacked convolutions, inference mode, and optionally torch.compile,
+reduced precision and CUDA graphs, whose outputs equal the original's.
 
-Defaults follow the measurements in docs/deploy.md: folding and channels-last pay on the CPU and
-are on; compile is off (half a minute of compilation for no measurable gain); reduced precision
-is off because it changes outputs beyond float tolerance.
+Defaults follow the measurements in docs/deploy.md: folding, channels-last and prepacking pay on
+the CPU and are on; compile is off (half a minute of compilation for no measurable gain); reduced
+precision is off because it changes outputs beyond float tolerance.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 
 from m2det.config import ModelConfig
 from m2det.deploy.fuse import fold_batchnorms
+from m2det.deploy.prepack import prepack_available, prepack_convolutions
+from m2det.device import cpu_supports_bf16, cpu_supports_fp16
 from m2det.errors import M2DetError
 from m2det.models.m2det import M2Det
 
@@ -30,8 +33,12 @@ class InferenceOptions:
 
     fold_batchnorm: bool = True
     channels_last: bool = True
+    prepack: bool = True  # oneDNN-blocked conv weights + fused ReLU (CPU only; off with compile)
     compile: bool = False
-    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast; outputs returned as float32)
+    # fp32 | fp16 | bf16; outputs are returned as float32. On the CPU the weights are converted once
+    # (`weights_converted`), elsewhere the network runs under autocast.
+    precision: str = "fp32"
+    weights_converted: bool = False
     cuda_graphs: bool = False  # via torch.compile(mode="reduce-overhead"), CUDA only
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +58,10 @@ class OptimizedNetwork(nn.Module):
         super().__init__()
         self.model = model
         self.options = options
+        reduced = PRECISIONS[options.precision]
+        # converted weights take their input in their own dtype; autocast takes float32
+        self._input_dtype = reduced if options.weights_converted else None
+        self._autocast_dtype = None if options.weights_converted else reduced
         self._compiled: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
         if options.compile:
             mode = "reduce-overhead" if options.cuda_graphs else None
@@ -78,9 +89,9 @@ class OptimizedNetwork(nn.Module):
     def forward_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
         options = self.options
         network = self._compiled or self.model.forward_raw
-        with torch.inference_mode(), autocast(x.device, PRECISIONS[options.precision]):
-            if options.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(x.device, self._autocast_dtype):
+            memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+            x = x.to(dtype=self._input_dtype or x.dtype, memory_format=memory_format)  # one copy at most
             loc, logits = network(x)
         if options.cuda_graphs:  # a replayed graph overwrites its outputs on the next call
             loc, logits = loc.clone(), logits.clone()
@@ -99,7 +110,27 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.A
 # The settings that `benchmarks/inference_options.py` and `m2det bench` found to pay on a CPU
 # (docs/deploy.md). GPUs could not be measured for this project; they get the same, with autocast
 # and CUDA graphs left to the caller.
-DEFAULT_OPTIONS = InferenceOptions(fold_batchnorm=True, channels_last=True, compile=False)
+DEFAULT_OPTIONS = InferenceOptions(fold_batchnorm=True, channels_last=True, prepack=True, compile=False)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """A clear error for a precision that is unknown, or that `device` (a CPU) cannot compute natively:
+    oneDNN would emulate it with float32 arithmetic plus conversions, slower than float32 itself."""
+    if precision not in PRECISIONS:
+        raise M2DetError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if device.type != "cpu" or precision == "fp32":
+        return
+    if precision == "bf16" and not cpu_supports_bf16():
+        raise M2DetError(
+            "precision bf16: this CPU lacks AVX512-BF16 and AMX (no avx512_bf16 or amx_bf16 flag in "
+            "/proc/cpuinfo), so bfloat16 would be emulated and slower than fp32; use fp32"
+        )
+    if precision == "fp16" and not cpu_supports_fp16():
+        raise M2DetError(
+            "precision fp16: this CPU lacks AVX512-FP16 and AMX-FP16 (no avx512_fp16 or amx_fp16 flag in "
+            "/proc/cpuinfo), so float16 would be emulated and slower than fp32; use fp32"
+            + (", or bf16, which this CPU has" if cpu_supports_bf16() else "")
+        )
 
 
 def optimize_for_inference(
@@ -107,37 +138,57 @@ def optimize_for_inference(
     *,
     fold_batchnorm: Optional[bool] = None,
     channels_last: Optional[bool] = None,
+    prepack: Optional[bool] = None,
     compile: Optional[bool] = None,
     precision: str = "fp32",
     cuda_graphs: bool = False,
 ) -> OptimizedNetwork:
     """A copy of `model`'s network, in eval mode, prepared for fast inference; `model` itself is untouched.
 
-    Options left at None take `DEFAULT_OPTIONS`. `precision` other than
-    fp32 runs under autocast (outputs differ from fp32 by the reduced precision). `cuda_graphs`
-    (CUDA only) compiles with mode "reduce-overhead", which replays the network as a CUDA graph.
+    Options left at None take `DEFAULT_OPTIONS`. `prepack` applies on the CPU only, and not with
+    `compile` (inductor packs the weights itself). `precision` other than fp32 changes the outputs
+    by the reduced precision: on the CPU the weights are converted once (refused where the CPU
+    would only emulate it, see `check_precision`), elsewhere the network runs under autocast.
+    `cuda_graphs` (CUDA only) compiles with mode "reduce-overhead", which replays the network as a
+    CUDA graph.
     """
     if isinstance(model, OptimizedNetwork):
         raise ValueError("the model is already optimised for inference; pass the original model")
     if not isinstance(model, M2Det):
         raise ValueError(f"optimize_for_inference takes a PyTorch M2Det, not a {type(model).__name__}")
-    if precision not in PRECISIONS:
-        raise M2DetError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     device = next(model.parameters()).device
+    check_precision(precision, device)
     if cuda_graphs and device.type != "cuda":
         raise M2DetError(f"cuda_graphs needs a model on a CUDA device, this one is on {device}")
     defaults = DEFAULT_OPTIONS
+    compiled = (defaults.compile if compile is None else compile) or cuda_graphs
     options = InferenceOptions(
         fold_batchnorm=defaults.fold_batchnorm if fold_batchnorm is None else fold_batchnorm,
         channels_last=defaults.channels_last if channels_last is None else channels_last,
-        compile=(defaults.compile if compile is None else compile) or cuda_graphs,
+        prepack=(defaults.prepack if prepack is None else prepack)
+        and not compiled
+        and prepack_available(device),
+        compile=compiled,
         precision=precision,
+        weights_converted=precision != "fp32" and device.type == "cpu",
         cuda_graphs=cuda_graphs,
     )
+    reduced = PRECISIONS[precision]
     optimized = copy.deepcopy(model).eval()
     if options.fold_batchnorm:
         fold_batchnorms(optimized)
     optimized.requires_grad_(False)
+    optimized.mlfpn.leach_once = True
+    if options.weights_converted and reduced is not None:  # the network's parts: pixel means stay float32
+        for part in (optimized.backbone, optimized.mlfpn, optimized.head):
+            part.to(reduced)
     if options.channels_last:
         optimized.to(memory_format=torch.channels_last)
+    if options.prepack:
+        # packed for the shapes of one image at the model's size, the commonest call
+        size = optimized.input_size
+        example = torch.zeros(1, 3, size, size, device=device, dtype=reduced or torch.float32)
+        if options.channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        prepack_convolutions(optimized, example, optimized.forward_raw)
     return OptimizedNetwork(optimized, options).eval()

@@ -753,6 +753,7 @@ def evaluate_weights(
     score_threshold: Optional[float] = None,
     sizes: Optional[list[int]] = None,
     flip: bool = False,
+    precision: Optional[str] = None,
     batch_size: int = 8,
     workers: int = 0,
     max_images: Optional[int] = None,
@@ -760,7 +761,8 @@ def evaluate_weights(
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Run the model file `weights` (an official .pth with its `preset`) on `data` with these
     post-processing settings and test-time options, and score it; returns the result and what
-    was run, for its metrics.json. VOC AP's +1 pixel areas: as in `score_results_file`."""
+    was run, for its metrics.json. `precision`: as `Detector`'s. VOC AP's +1 pixel areas: as in
+    `score_results_file`."""
     from dataclasses import asdict
 
     from m2det.data import build_dataset
@@ -778,6 +780,7 @@ def evaluate_weights(
         batch_size=batch_size,
         sizes=sizes,
         flip=flip,
+        precision=precision,
     )
     result = evaluate(
         detector,
@@ -796,5 +799,6 @@ def evaluate_weights(
         "settings": asdict(detector.settings),
         "sizes": detector.sizes,
         "flip": detector.flip,
+        "precision": precision,
         "device": str(detector.device),
     }

@@ -45,6 +45,10 @@ class Detector:
         batch_size: images per forward pass.
         sizes: input sizes for multi-scale testing (e.g. [320, 512, 704]); None: the model's own.
         flip: also run on the mirrored images and merge (flip testing).
+        precision: "fp32", "bf16" or "fp16" runs a PyTorch model on the fast path
+            (`m2det.deploy.optimize_for_inference`) in that precision (bf16/fp16 on a CPU only where
+            it computes them natively; outputs then differ by the reduced precision); None: the
+            eager model. An `.onnx` model runs in its own precision (fp32 or None only).
 
     Calling the detector with one image returns one dict, with a list of images a list of dicts:
     `boxes` (xyxy float32, pixels of the original image), `scores`, `labels` (int64, 1-based) and
@@ -63,6 +67,7 @@ class Detector:
         batch_size: int = 8,
         sizes: Optional[Sequence[int]] = None,
         flip: bool = False,
+        precision: Optional[str] = None,
     ):
         if batch_size < 1:
             raise M2DetError(f"batch_size must be >= 1, got {batch_size}")
@@ -70,13 +75,14 @@ class Detector:
         chosen = get_settings(settings)
         if score_threshold is not None:
             chosen = chosen.replace(score_threshold=float(score_threshold), min_score=float(score_threshold))
-        network = load_network(weights, preset, self.device)
+        network = load_network(weights, preset, self.device, precision=precision)
         self.pipeline = DetectionPipeline(network, chosen, sizes=sizes, flip=flip)
         self.batch_size = int(batch_size)
 
     @property
     def network(self) -> Network:
-        """What runs the network: the PyTorch `M2Det`, or an ONNX Runtime one for an `.onnx` file."""
+        """What runs the network: the PyTorch `M2Det` (an `OptimizedNetwork` with a `precision`), or
+        an ONNX Runtime one for an `.onnx` file."""
         return self.pipeline.network
 
     @property

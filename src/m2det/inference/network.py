@@ -76,19 +76,47 @@ def check_backend_choice(backend: Optional[str], weights: Optional[Union[str, Pa
     return chosen
 
 
+def check_precision_choice(precision: Optional[str], weights: Optional[Union[str, Path]]) -> None:
+    """A clear error for a precision the runtime of `weights` cannot honour: an `.onnx` file runs
+    in the precision it was exported in (FP32, or INT8 from `m2det export --int8`)."""
+    if precision is None:
+        return
+    from m2det.deploy.optimize import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise M2DetError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if weights is not None and Path(weights).suffix == ".onnx" and precision != "fp32":
+        raise M2DetError(
+            f"--precision {precision}: {weights} runs on ONNX Runtime in the precision it was exported in "
+            "(FP32, or INT8 with `m2det export --int8`); --precision applies to PyTorch models"
+        )
+
+
 def load_network(
     weights: Union[str, Path, None],
     preset: Optional[str] = None,
     device: Union[str, torch.device] = "cpu",
     threads: Optional[int] = None,
+    precision: Optional[str] = None,
 ) -> Network:
     """The network a model file holds, ready to run: an `.onnx` export on ONNX Runtime (on the
-    CPU, with `threads`), anything else as `load_model_for_inference` reads it, on `device`, in eval mode."""
+    CPU, with `threads`), anything else as `load_model_for_inference` reads it, on `device`, in eval mode.
+
+    `precision` (fp32, bf16, fp16) runs a PyTorch model on the fast path
+    (`m2det.deploy.optimize_for_inference`) in that precision; None keeps the eager `M2Det`.
+    """
+    check_precision_choice(precision, weights)
     if weights is not None and Path(weights).suffix == ".onnx":
         from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 
         return OnnxRuntimeNetwork(weights, threads=threads)
-    return load_model_for_inference(weights, preset).to(device).eval()
+    if precision is None:
+        return load_model_for_inference(weights, preset).to(device).eval()
+    from m2det.deploy.optimize import check_precision, optimize_for_inference
+
+    check_precision(precision, torch.device(device))  # before a large file is read
+    model = load_model_for_inference(weights, preset).to(device).eval()
+    return optimize_for_inference(model, precision=precision)
 
 
 def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[str]) -> M2Det:

@@ -154,15 +154,23 @@ class MLFPN(nn.Module):
         self.sfam = SFAM(self.out_channels, c.num_scales, c.sfam_reduction, c.shared_sfam) if c.sfam else None
         self.norm = nn.BatchNorm2d(self.out_channels)
         self.num_scales = c.num_scales
+        # A shared leach computed once instead of at every level: equal outputs, fewer FLOPs. Off by
+        # default, so that eager runs op for op as the official code (and counts its FLOPs); the
+        # fast path (`m2det.deploy.optimize_for_inference`) turns it on.
+        self.leach_once = False
 
     def forward(self, shallow: Tensor, deep: Tensor) -> list[Tensor]:
         base = self.ffm1(shallow, deep)
-        levels = [self.tums[0](self.leach[0](base))]
+        if self.leach_once and all(leach is self.leach[0] for leach in self.leach):
+            # the official shared leach is one conv on one input at every level: the same output
+            # each time (nothing below writes into it in place)
+            reduced = [self.leach[0](base)] * len(self.leach)
+        else:
+            reduced = [leach(base) for leach in self.leach]
+        levels = [self.tums[0](reduced[0])]
         for level, tum in enumerate(self.tums[1:], start=1):
             previous = levels[-1][-1]
-            levels.append(
-                tum(self.ffm2(self.leach[level](base), previous) if self.base_every_level else previous)
-            )
+            levels.append(tum(self.ffm2(reduced[level], previous) if self.base_every_level else previous))
         # TUM outputs are smallest-first; the pyramid is largest-first.
         pyramid = [torch.cat([level[i] for level in levels], dim=1) for i in reversed(range(self.num_scales))]
         if self.sfam is not None:
