@@ -38,6 +38,7 @@ COMMANDS = [
     "detect",
     "serve",
     "train",
+    "ablate",
     "demo",
     "bench",
     "export",
