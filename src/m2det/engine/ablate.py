@@ -4,9 +4,10 @@ one table in the paper's Table 2/3 form and one plot of mAP against GFLOPs.
 Every variant trains on the same data with the same recipe (`DEFAULT_PRESET` and the shared
 `train` overrides), the same seed and the same wall-clock budget (`train.time_limit_min`: the
 schedule is laid over the minutes, so each variant gets as many epochs as its speed allows, and
-that number is recorded). Its last weights (nothing is chosen on the scored split) are then
-scored on one split by `m2det.engine.evaluate`, counted by `m2det.models.complexity` and timed at
-batch 1 at the model's input size by `m2det.engine.bench`, on the machine named in the table.
+that number is recorded). The training validates once, after its budget, on the scored split
+(`m2det.engine.evaluate`, the code of `m2det eval`): those are the scores of its last weights
+(nothing is chosen on that split). The weights are then counted by `m2det.models.complexity` and
+timed at batch 1 at the model's input size by `m2det.engine.bench`, on the machine in the table.
 
 Each training is its own `m2det train` process (`torchrun` with `nproc` > 1): a crash, even one
 that kills the process (a segfault, the kernel's out-of-memory killer), ends that variant only,
@@ -15,8 +16,7 @@ process group) starts fresh for each. The start-up costs a few seconds per varia
 
 The output folder holds `ablation.{json,csv,md}` and `ablation_map_vs_gflops.png`, rewritten
 (atomically) after every variant, and one folder per variant, `variants/NAME/`: `model.yaml` (the
-variant's model), `train.log`, the run folder `train1/`, `eval/` (`m2det eval`'s files) and
-`result.json` (its row). Rerunning on the same folder resumes: a variant with a result is kept,
+variant's model), `train.log`, the run folder `train1/` and `result.json` (its row). Rerunning on the same folder resumes: a variant with a result is kept,
 an interrupted training continues from its last checkpoint (`m2det train --resume`), a failed
 variant is tried again; other settings than the folder's are refused, or with `resume=False`
 replace them.
@@ -502,7 +502,6 @@ def run_variant(
         return _failed(spec, "train", f"m2det train exited {code}: " + "\n".join(said), record)
     try:
         record.update(_training_facts(run_dir))
-        record.update(_scores(settings, run_dir, folder))
         record.update(_cost_and_speed(settings, run_dir))
     except Exception as exc:  # recorded, with the traceback beside it; the next variant runs
         (folder / "error.txt").write_text(traceback.format_exc())
@@ -557,31 +556,22 @@ def _run_training(command: list[str], log: Path) -> tuple[int, float]:
 
 
 def _training_facts(run_dir: Path) -> dict[str, Any]:
-    """Epochs and steps the budget allowed, and the minutes it counted, from the run's checkpoint."""
+    """Epochs and steps the budget allowed, the minutes its clock counted, and the COCO metrics of
+    the run's validation after the budget: the saved weights scored on the split by
+    `m2det.engine.evaluate`, as `m2det eval` scores them, so that they are not scored twice."""
     from m2det.engine.checkpoint_state import load_checkpoint
 
     state = load_checkpoint(run_dir).state
+    metrics = state.get("metrics") or {}
+    missing = [key for key in METRICS if key not in metrics]
+    if missing:
+        raise M2DetError(f"{run_dir}: the run's checkpoint holds no validation metrics {missing}")
     return {
         "epochs": int(state["epoch"]),  # the last one, cut by the budget, counts
         "steps": int(state["step"]),
         "train_min": float(state.get("elapsed_s") or 0.0) / 60,
+        **{key: float(metrics[key]) for key in METRICS},
     }
-
-
-def _scores(settings: AblationSettings, run_dir: Path, folder: Path) -> dict[str, Any]:
-    """COCO metrics of the run's last weights on the scored split; `m2det eval`'s files in eval/."""
-    from m2det.device import resolve_device
-    from m2det.engine.evaluate import evaluate_weights
-
-    device = resolve_device(settings.device)
-    result, extra = evaluate_weights(
-        run_dir / "last.safetensors",
-        settings.val_data or settings.data,
-        settings.split,
-        device=str(device),
-    )
-    result.save(folder / "eval", extra=extra)
-    return {key: float(result.metrics[key]) for key in METRICS}
 
 
 def _cost_and_speed(settings: AblationSettings, run_dir: Path) -> dict[str, Any]:
