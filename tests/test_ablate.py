@@ -111,7 +111,7 @@ def test_every_variant_has_a_row_and_the_files_agree(ablation):
         r = records[name]
         assert f"| {r['AP']:.3f} | {r['AP50']:.3f} |" in lines[name]
         assert (
-            f"| {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['images_per_s']:.1f} | {r['epochs']} | ok |"
+            f"| {r['params'] / 1e6:.3f} | {r['gflops']:.2f} | {r['images_per_s']:.1f} | {r['epochs']} | ok |"
             in lines[name]
         )
     assert lines["odd_planes (tum)"].endswith("| failed |")
@@ -223,3 +223,10 @@ def test_settings_errors_name_what_is_wrong(tmp_path):
     path.write_text("data: sub/x.json\nbudget: 2\nvariants: [tum]\n")
     read = read_ablation_file(path)
     assert read["data"] == str(tmp_path / "sub" / "x.json") and read["budget_min"] == 2
+
+
+def test_list_names_the_known_variants():
+    result = CliRunner().invoke(app, ["ablate", "--list"])
+    assert result.exit_code == 0 and {"tum", "tum_sfam"} <= set(result.output.split())
+    missing = CliRunner().invoke(app, ["ablate", "--variants", "tum"])
+    assert missing.exit_code == 2 and "--data and --budget required" in missing.output

@@ -695,7 +695,7 @@ def markdown_table(
         lines.append(
             f"| {label} | {model_cell(r)} | "
             + " | ".join(_fixed(r[key], 3) for key in METRICS)
-            + f" | {_fixed(r['params'], 2, 1e6)} | {_fixed(r['gflops'], 2)} | {_fixed(r['images_per_s'], 1)} | "
+            + f" | {_fixed(r['params'], 3, 1e6)} | {_fixed(r['gflops'], 2)} | {_fixed(r['images_per_s'], 1)} | "
             f"{'-' if r['epochs'] is None else r['epochs']} | {r['status']} |"
         )
     failed = [r for r in records if r["status"] == "failed"]

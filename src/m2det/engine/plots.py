@@ -104,10 +104,13 @@ def plot_accuracy_vs_cost(
     if not points:
         axes.text(0.5, 0.5, "no finished model yet", ha="center", va="center", transform=axes.transAxes)
     else:
+        costs = [cost for cost, _ in points.values()]
         accuracies = [accuracy for _, accuracy in points.values()]
         top = max(accuracies)
+        # both from 0: the costs and accuracies in proportion, not magnified differences
+        axes.set_xlim(0.0, max(costs) * 1.25 if max(costs) > 0 else 1.0)
         axes.set_ylim(min(0.0, min(accuracies)), top * 1.15 if top > 0 else 1.0)
-        axes.margins(x=0.15)
+        axes.ticklabel_format(useOffset=False)
     axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
     axes.grid(True, alpha=0.3)
     return save_figure(figure, path)
