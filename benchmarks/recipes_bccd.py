@@ -43,11 +43,8 @@ import csv
 import datetime
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,7 +84,6 @@ RECIPES: dict[str, list[str]] = {
 }
 PEERS = {"yolov8n": "yolov8n.yaml"}
 METRICS = ("AP50", "AP", "AP75")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 CSV_FIELDS = [
     "recipe",
     "seed",
@@ -103,34 +99,6 @@ CSV_FIELDS = [
     "torch_threads",
     "finished",
 ]
-
-
-# ----- the machine -----
-def cpu_info() -> dict[str, Any]:
-    """CPU model, the vector / matrix flags that decide CPU kernels' speed, cores and threads."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("unknown", "", platform.processor()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    import torch
-
-    return {
-        "model": model,
-        "flags": {flag: flag in flags for flag in CPU_FLAGS},
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 # ----- helpers -----
@@ -161,27 +129,17 @@ def m2det_env() -> dict[str, str]:
 
 
 def run_logged(command: list[str], log: Path, env: dict[str, str], timeout: float) -> tuple[int, float]:
-    """Run `command` with its output in `log`; (exit code, wall seconds). A timeout is code -9."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(command) + "\n")
-        f.flush()
-        try:
-            code = subprocess.run(
-                command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            f.write(f"\nbenchmark: killed after {timeout:.0f} s\n")
-            code = -9
-    return code, time.perf_counter() - start
+    """Run `command` from the repository with its output in `log`; (exit code, wall seconds). A
+    timeout is code -9 (`m2det.utils.process.TIMED_OUT`)."""
+    from m2det.utils.process import run_logged as run_with_log
+
+    return run_with_log(command, log, env=env, cwd=REPO, timeout=timeout)
 
 
 def log_tail(log: Path, lines: int = 8) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    from m2det.utils.process import log_tail as tail
+
+    return tail(log, lines)
 
 
 def eval_metrics(out_dir: Path) -> dict[str, float]:
@@ -464,9 +422,10 @@ def write_tables(args: argparse.Namespace, names: list[str], results: list[dict[
     os.replace(args.out / ".results.csv.tmp", args.out / "results.csv")
 
     from m2det.engine.train_config import DEFAULT_PRESET
+    from m2det.utils.machine import describe_flags
 
     machine = args.machine
-    flags = ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in machine["flags"].items())
+    flags = describe_flags(machine["flags"])
     lines = [
         f"# Training recipes on BCCD: {args.model}, {args.minutes:g} minutes of CPU training each",
         "",
@@ -637,7 +596,9 @@ def main() -> None:
 
         args.peer_imgsz = get_config(args.model).input_size
     args.out.mkdir(parents=True, exist_ok=True)
-    args.machine = cpu_info()
+    from m2det.utils.machine import machine_info
+
+    args.machine = machine_info()
     args.peer_info = {}
 
     # one budget, data and model per folder: refuse to mix another's results into the table

@@ -39,6 +39,7 @@ COMMANDS = [
     "explain",
     "serve",
     "train",
+    "ablate",
     "demo",
     "bench",
     "export",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperCommand
 
-from m2det.cli import bench, browse, convert, demo, detect, eval, explain, export, models, serve, train
+from m2det.cli import ablate, bench, browse, convert, demo, detect, eval, explain, export, models, serve, train
 from m2det.cli.common import CleanHelpCommand, CleanHelpGroup
 
 app = typer.Typer(
@@ -16,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (models, convert, browse, eval, detect, explain, serve, train, demo, bench, export):
+for module in (models, convert, browse, eval, detect, explain, serve, train, ablate, demo, bench, export):
     module.register(app)
 for command in app.registered_commands:  # help without `<bool>` placeholders, SOURCE not {source}
     if command.cls in (None, TyperCommand):

@@ -33,6 +33,7 @@ from m2det.device import resolve_device
 from m2det.errors import M2DetError
 from m2det.inference.network import BACKENDS, Network
 from m2det.inference.pipeline import DetectionPipeline
+from m2det.utils.machine import cpu_flags, cpu_model
 from m2det.utils.memory import PeakMemory
 from m2det.utils.timing import Stopwatch
 
@@ -326,7 +327,8 @@ def _environment(load_before: Optional[tuple[float, float, float]], started: flo
     info: dict[str, Any] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "seconds": time.time() - started,
     }
@@ -340,14 +342,6 @@ def _environment(load_before: Optional[tuple[float, float, float]], started: flo
         info["load_average_before"] = list(load_before)
         info["load_average_after"] = list(os.getloadavg())
     return info
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 __all__ = ["BenchSettings", "reference_conv", "run_bench"]

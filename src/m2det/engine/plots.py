@@ -83,3 +83,34 @@ def plot_loss_curve(results_csv: Union[str, Path], path: Union[str, Path]) -> Pa
         handles, labels = handles + more[0], labels + more[1]
     axes.legend(handles, labels, loc="upper right", fontsize="small")
     return save_figure(figure, path)
+
+
+def plot_accuracy_vs_cost(
+    points: Mapping[str, tuple[float, float]],
+    path: Union[str, Path],
+    title: str,
+    xlabel: str = "GFLOPs per image",
+    ylabel: str = "mAP (COCO AP@[.5:.95])",
+) -> Path:
+    """One labelled point per model at (cost, accuracy), as the papers' accuracy-against-cost figures
+    draw them, written atomically. An empty mapping gives an empty chart that says so."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 5), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    for name, (cost, accuracy) in points.items():
+        axes.plot([cost], [accuracy], "o", markersize=7)
+        axes.annotate(name, (cost, accuracy), textcoords="offset points", xytext=(6, 4), fontsize="small")
+    if not points:
+        axes.text(0.5, 0.5, "no finished model yet", ha="center", va="center", transform=axes.transAxes)
+    else:
+        costs = [cost for cost, _ in points.values()]
+        accuracies = [accuracy for _, accuracy in points.values()]
+        top = max(accuracies)
+        # both from 0: the costs and accuracies in proportion, not magnified differences
+        axes.set_xlim(0.0, max(costs) * 1.25 if max(costs) > 0 else 1.0)
+        axes.set_ylim(min(0.0, min(accuracies)), top * 1.15 if top > 0 else 1.0)
+        axes.ticklabel_format(useOffset=False)
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axes.grid(True, alpha=0.3)
+    return save_figure(figure, path)
