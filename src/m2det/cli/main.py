@@ -5,7 +5,20 @@ from __future__ import annotations
 import typer
 from typer.core import TyperCommand
 
-from m2det.cli import ablate, bench, browse, convert, demo, detect, eval, explain, export, models, serve, train
+from m2det.cli import (
+    ablate,
+    bench,
+    browse,
+    convert,
+    demo,
+    detect,
+    eval,
+    explain,
+    export,
+    models,
+    serve,
+    train,
+)
 from m2det.cli.common import CleanHelpCommand, CleanHelpGroup
 
 app = typer.Typer(

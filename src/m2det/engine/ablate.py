@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from m2det.config import ModelConfig, get_config, read_yaml_mapping
-from m2det.models.variants import list_variants, variant_config
 from m2det.errors import ConfigError, M2DetError
 from m2det.io.atomic import atomic_path
 from m2det.io.jsonfile import finite_json, read_json, write_json
+from m2det.models.variants import list_variants, variant_config
 
 logger = logging.getLogger("m2det.ablate")
 
