@@ -62,7 +62,10 @@ def detect(
     ),
     save: bool = typer.Option(True, "--save/--no-save", help="Write annotated images and videos."),
     backend: Optional[str] = typer.Option(
-        None, "--backend", help="pytorch | onnxruntime (default: onnxruntime for an .onnx --weights file)."
+        None,
+        "--backend",
+        help="pytorch | onnxruntime | openvino (default: the --weights file's: .onnx onnxruntime, .xml "
+        "openvino; openvino with a .safetensors converts it in memory).",
     ),
     resume: bool = typer.Option(
         True,
@@ -96,7 +99,7 @@ def detect(
     from m2det.inference.runner import DetectRun
     from m2det.inference.sources import resolve_source
 
-    check_backend_choice(backend, weights)  # an .onnx file loads as an ONNX Runtime model below
+    check_backend_choice(backend, weights)  # before anything runs: a wrong choice fails at once
     items = resolve_source(source)
     chosen = get_settings(settings)
     if nms is not None:
@@ -126,6 +129,7 @@ def detect(
                 batch_size=batch,
                 sizes=parse_sizes(sizes),
                 flip=flip,
+                backend=backend,
             )
         if workers is None:
             workers = default_workers(max(1, usable_cores() // info.world_size))

@@ -7,7 +7,8 @@ every runtime:
 
 * eager PyTorch: `m2det.M2Det` itself,
 * the fast PyTorch path: `m2det.deploy.OptimizedNetwork` (`optimize_for_inference`),
-* ONNX Runtime, FP32 or INT8: `m2det.deploy.onnx_backend.OnnxRuntimeNetwork`.
+* ONNX Runtime, FP32 or INT8: `m2det.deploy.onnx_backend.OnnxRuntimeNetwork`,
+* OpenVINO, FP32 or INT8: `m2det.deploy.openvino_backend.OpenVinoNetwork`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from m2det.io.torchfile import is_torch_file
 from m2det.models.m2det import M2Det
 
 DEFAULT_PRESET = "m2det320_vgg16"
-BACKENDS = ("pytorch", "onnxruntime")
+BACKENDS = ("pytorch", "onnxruntime", "openvino")
+# The file each exported format is written as, and the runtime that runs it.
+EXPORTED_SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}
 
 
 @runtime_checkable
@@ -60,19 +63,24 @@ class Network(Protocol):
 
 
 def check_backend_choice(backend: Optional[str], weights: Optional[Union[str, Path]]) -> str:
-    """The runtime for `weights` (an `.onnx` file runs on ONNX Runtime, anything else on PyTorch),
-    with a clear error when an explicit `backend` cannot run that file."""
-    is_onnx = weights is not None and Path(weights).suffix == ".onnx"
-    chosen = backend or ("onnxruntime" if is_onnx else "pytorch")
+    """The runtime for `weights`, with a clear error when an explicit `backend` cannot run that file.
+
+    An `.onnx` file runs on ONNX Runtime, an `.xml` (OpenVINO IR) on OpenVINO, anything else on
+    PyTorch; `openvino` also runs a PyTorch model file (or a preset's random weights), converted
+    in memory when it is loaded.
+    """
+    suffix = Path(weights).suffix if weights is not None else ""
+    exported = EXPORTED_SUFFIXES.get(suffix)
+    chosen = backend or exported or "pytorch"
     if chosen not in BACKENDS:
         raise M2DetError(f"--backend must be one of {BACKENDS}, got {chosen!r}")
-    if chosen == "onnxruntime" and not is_onnx:
+    if exported is not None and chosen != exported:
+        raise M2DetError(f"{weights}: an {suffix} model runs with --backend {exported}, not {chosen}")
+    if chosen == "onnxruntime" and exported is None:
         raise M2DetError(
             f"--backend onnxruntime runs an exported .onnx model, got {weights or 'no --weights'}; "
             "export one first with `m2det export model.onnx --weights ...`"
         )
-    if chosen == "pytorch" and is_onnx:
-        raise M2DetError(f"{weights}: an .onnx model runs with --backend onnxruntime")
     return chosen
 
 
@@ -81,13 +89,27 @@ def load_network(
     preset: Optional[str] = None,
     device: Union[str, torch.device] = "cpu",
     threads: Optional[int] = None,
+    backend: Optional[str] = None,
 ) -> Network:
-    """The network a model file holds, ready to run: an `.onnx` export on ONNX Runtime (on the
-    CPU, with `threads`), anything else as `load_model_for_inference` reads it, on `device`, in eval mode."""
-    if weights is not None and Path(weights).suffix == ".onnx":
+    """The network a model file holds, ready to run on `backend` (default: the file's own, see
+    `check_backend_choice`): an `.onnx` export on ONNX Runtime, an `.xml` IR on OpenVINO (both on
+    the CPU, with `threads`), anything else as `load_model_for_inference` reads it, on `device`, in
+    eval mode, or with `backend="openvino"` converted to OpenVINO in memory (FP32)."""
+    chosen = check_backend_choice(backend, weights)
+    if chosen == "onnxruntime":
         from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 
+        assert weights is not None  # check_backend_choice refuses onnxruntime without an .onnx file
         return OnnxRuntimeNetwork(weights, threads=threads)
+    if chosen == "openvino":
+        from m2det.deploy.openvino_backend import OpenVinoNetwork
+
+        if weights is not None and Path(weights).suffix == ".xml":
+            return OpenVinoNetwork(weights, threads=threads)
+        from m2det.deploy.export import openvino_model
+
+        model = load_model_for_inference(weights, preset).eval()
+        return OpenVinoNetwork(openvino_model(model), threads=threads)
     return load_model_for_inference(weights, preset).to(device).eval()
 
 
@@ -111,8 +133,10 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".onnx":
-        raise M2DetError(f"{path}: an exported .onnx model is no PyTorch model; run it with load_network")
+    if path.suffix in EXPORTED_SUFFIXES:
+        raise M2DetError(
+            f"{path}: an exported {path.suffix} model is no PyTorch model; run it with load_network"
+        )
     if path.suffix == ".safetensors":
         from m2det.models.loading import load_model
 
@@ -125,7 +149,8 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
     if not is_torch_file(path):
         raise FileFormatError(
             f"{path}: not a model file; expected our .safetensors model (from training or `m2det convert`), "
-            "an official M2Det .pth checkpoint (with its preset) or an .onnx file from `m2det export`"
+            "an official M2Det .pth checkpoint (with its preset), or an .onnx or OpenVINO .xml file from "
+            "`m2det export`"
         )
     if preset is None:
         raise M2DetError(
