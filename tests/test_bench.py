@@ -195,7 +195,7 @@ def test_bench_every_runtime_gives_one_complete_row_each(tiny_weights, bccd_root
         elif row["precision"] == "bf16":
             assert 0 < difference < 0.1  # close, not equal
         else:  # int8 calibrated on 2 images, run on noise: different, still finite
-            assert 0 < difference and math.isfinite(difference)
+            assert difference > 0 and math.isfinite(difference)
         assert 0 <= row["accuracy"]["AP50"] <= 1 and set(row["accuracy"]) == {"AP50", "AP", "VOC_AP"}
         change = row["accuracy_change_points"]["AP50"]
         assert change == pytest.approx(
