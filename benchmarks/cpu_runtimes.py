@@ -39,11 +39,11 @@ from torch import Tensor, nn
 from m2det.config import get_config
 from m2det.deploy import optimize_for_inference
 from m2det.device import cpu_flags, cpu_supports_bf16
-from m2det.engine.bench import _cpu_name
 from m2det.io.jsonfile import write_json
 from m2det.models import build_model
 from m2det.models.loading import build_official_model
 from m2det.models.m2det import M2Det
+from m2det.utils.machine import cpu_model
 from m2det.utils.timing import Timing
 
 DEFAULT_AUTHORS_CODE = Path("/work/authors_m2det")
@@ -350,7 +350,7 @@ def main() -> None:
     wanted = set(args.rows.split(",")) if args.rows else None
     flags = cpu_flags() or frozenset()
     machine = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "flags": [flag for flag in SHOWN_FLAGS if flag in flags],
         "threads": args.threads,
         "torch": torch.__version__,

@@ -27,9 +27,10 @@ import torch
 
 from m2det.data import build_dataset
 from m2det.deploy import optimize_for_inference
+from m2det.deploy.calibration import report_dict
 from m2det.deploy.export import export_onnx
 from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
-from m2det.deploy.quantize import CALIBRATION_METHODS, calibration_reader, quantize_onnx, report_dict
+from m2det.deploy.quantize import CALIBRATION_METHODS, calibration_reader, quantize_onnx
 from m2det.engine.evaluate import evaluate
 from m2det.models.loading import load_model
 from m2det.utils.timing import Stopwatch

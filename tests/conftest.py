@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,18 @@ import torch
 from m2det.io.official import official_layout
 
 BCCD = Path(__file__).resolve().parent / "data" / "bccd"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # OpenVINO's converter imports absl where it is installed (tensorboard brings it), and absl's log
+    # handler closes its stream when closed unless that stream is the current sys.stderr. `m2det
+    # serve` under CliRunner (sys.stderr swapped) makes uvicorn set up logging, which closes every
+    # handler: absl's would close pytest's capture file and end the session. The real stderr is one
+    # it never closes.
+    if importlib.util.find_spec("absl") is not None:
+        import absl.logging
+
+        absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 def random_official_state_dict(

@@ -141,3 +141,125 @@ def test_peak_memory_sees_a_large_allocation():
     peak = memory.peak_mb()
     del block
     assert peak >= 60
+
+
+# ----- every runtime in one run (`m2det bench --backends`) -----
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A 64-pixel m2det_tiny with BatchNorm statistics as after training, as our model file."""
+    import train_helpers
+    from m2det.io.checkpoint import save_model
+
+    model = train_helpers.tiny_model(num_classes=4, class_names=["RBC", "WBC", "Platelets"])
+    g = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.rand(module.num_features, generator=g) - 0.5)
+            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
+    return save_model(model, tmp_path_factory.mktemp("bench") / "tiny.safetensors")
+
+
+def test_bench_every_runtime_gives_one_complete_row_each(tiny_weights, bccd_root):
+    from m2det.engine.bench_runtimes import (
+        RUNTIMES,
+        RuntimeBenchSettings,
+        cpu_supports_bf16,
+        run_runtime_bench,
+    )
+
+    pytest.importorskip("openvino")
+    settings = RuntimeBenchSettings(
+        model=str(tiny_weights), batch_sizes=(2, 1), warmup=1, repeats=2, settle_s=0.0,
+        data=str(bccd_root), split="test", calib_split="train", calib_num=2,
+    )  # fmt: skip
+    result = run_runtime_bench(settings)
+    json.dumps(result, allow_nan=False)
+    assert [row["key"] for row in result["rows"]] == [spec.key for spec in RUNTIMES]
+    assert result["baseline"] == "pytorch-eager" and result["batch_sizes"] == [1, 2]
+    assert result["data"] == {"data": str(bccd_root), "split": "test", "images": 3}
+    for row in result["rows"]:
+        if row["key"] == "pytorch-bf16" and not cpu_supports_bf16():
+            assert row["status"] == "skipped" and "AVX512-BF16" in row["note"]
+            continue
+        assert row["status"] == "ok", row
+        assert row["size_mb"] > 0
+        for batch in ("1", "2"):
+            timing = row["timings"][batch]
+            assert timing["runs"] == 2 and 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+            assert row["images_per_s"][batch] == pytest.approx(int(batch) * 1e3 / timing["median_ms"])
+            baseline = result["rows"][0]["timings"][batch]["median_ms"]
+            assert row["speed_vs_baseline"][batch] == pytest.approx(baseline / timing["median_ms"])
+        difference = max(row["difference_from_eager"].values())
+        if row["precision"] == "fp32":
+            assert difference < 1e-4  # the same network, whatever runs it
+        elif row["precision"] == "bf16":
+            assert 0 < difference < 0.1  # close, not equal
+        else:  # int8 calibrated on 2 images, run on noise: different, still finite
+            assert difference > 0 and math.isfinite(difference)
+        assert 0 <= row["accuracy"]["AP50"] <= 1 and set(row["accuracy"]) == {"AP50", "AP", "VOC_AP"}
+        change = row["accuracy_change_points"]["AP50"]
+        assert change == pytest.approx(
+            100 * (row["accuracy"]["AP50"] - result["rows"][0]["accuracy"]["AP50"])
+        )
+        if row["key"].endswith("-int8"):
+            assert "calibrated on 2 images of" in row["note"]
+    assert result["rows"][0]["speed_vs_baseline"]["1"] == 1.0
+    assert result["rows"][0]["difference_from_eager"] == {"loc": 0.0, "logits": 0.0}
+    assert result["rows"][0]["accuracy_change_points"] == {"AP50": 0.0, "AP": 0.0}
+    assert result["environment"]["openvino"] and "cpu_flags" in result["environment"]
+
+
+def test_bench_backends_cli_writes_json_csv_and_markdown(tiny_weights, tmp_path, monkeypatch):
+    import csv
+
+    import m2det.engine.bench_runtimes as bench_runtimes
+
+    # a CPU without bf16 and no INT8: those rows say why they were skipped
+    monkeypatch.setattr(bench_runtimes, "cpu_supports_bf16", lambda: False)
+    out = tmp_path / "runtimes.json"
+    args = [
+        "bench", "--weights", str(tiny_weights), "--backends", "pytorch,onnxruntime", "--no-int8",
+        "--batch", "1", "--warmup", "0", "--repeats", "2", "--settle", "0", "--baseline", "pytorch-fast",
+        "--out", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    rows = {row["key"]: row for row in data["rows"]}
+    assert list(rows) == [
+        "pytorch-eager",
+        "pytorch-fast",
+        "pytorch-bf16",
+        "onnxruntime-fp32",
+        "onnxruntime-int8",
+    ]
+    assert rows["pytorch-bf16"]["note"] == "skipped: CPU lacks AVX512-BF16 / AMX-BF16"
+    assert rows["onnxruntime-int8"]["note"] == "skipped: INT8 switched off (--no-int8)"
+    assert data["baseline"] == "pytorch-fast" and rows["pytorch-fast"]["speed_vs_baseline"]["1"] == 1.0
+    with open(out.with_suffix(".csv"), newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [row["status"] for row in table] == ["ok", "ok", "skipped", "ok", "skipped"]
+    assert float(table[3]["median ms"]) == pytest.approx(
+        rows["onnxruntime-fp32"]["timings"]["1"]["median_ms"], abs=0.06
+    )
+    markdown = out.with_suffix(".md").read_text()
+    assert "| runtime | precision | status |" in markdown and markdown.count("\n| ") == 6
+    assert "speed vs baseline" in result.output and "ONNX Runtime" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backends", "pytorch,tensorrt"], "--backends: expected all or a comma-separated list"),
+        (["--backends", "all", "--backend", "onnxruntime"], "not both"),
+        (["--backends", "all", "--weights", "model.onnx"], "builds every runtime from one PyTorch model"),
+        (["--backends", "pytorch", "--baseline", "tflite"], "baseline must be one of"),
+        (
+            ["--backends", "onnxruntime", "--baseline", "pytorch-eager"],
+            "baseline pytorch-eager is not measured: its backend pytorch",
+        ),
+    ],
+)
+def test_bench_backends_refuses_bad_options(args, message):
+    result = CliRunner().invoke(app, ["bench", "--preset", "m2det_tiny", "--repeats", "1", *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())

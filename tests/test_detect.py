@@ -107,7 +107,8 @@ def test_a_file_that_is_no_model_is_named_with_the_kinds_expected(tmp_path):
     notes.write_text("weights: m2det512_vgg.pth\n")
     expected = (
         f"{notes}: not a model file; expected our .safetensors model (from training or `m2det convert`), "
-        "an official M2Det .pth checkpoint (with its preset) or an .onnx file from `m2det export`"
+        "an official M2Det .pth checkpoint (with its preset), or an .onnx or OpenVINO .xml file from "
+        "`m2det export`"
     )
     for preset in (None, TINY):  # with a preset it is still not "an official checkpoint"
         with pytest.raises(ValueError) as info:

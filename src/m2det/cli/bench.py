@@ -1,4 +1,5 @@
-"""`m2det bench`: latency, throughput, memory and GFLOP/s of a model against the machine's own conv speed."""
+"""`m2det bench`: latency, throughput, memory and GFLOP/s of a model against the machine's own conv
+speed; with `--backends`, every installed runtime and precision compared in one run."""
 
 from __future__ import annotations
 
@@ -21,17 +22,55 @@ def bench(
     weights: Optional[Path] = typer.Option(
         None,
         "--weights",
-        help="Measure this model instead: our .safetensors, or an .onnx export (onnxruntime).",
+        help="Measure this model instead: our .safetensors, an .onnx export (onnxruntime) or an OpenVINO "
+        ".xml (openvino).",
     ),
     size: Optional[int] = typer.Option(None, "--size", min=32, help="Input size (default: the model's)."),
     num_classes: Optional[int] = typer.Option(
         None, "--num-classes", min=2, help="Classes incl. background (presets)."
     ),
-    batch: list[int] = typer.Option(
-        [1, 8, 32], "--batch", min=1, help="Batch sizes for throughput (repeatable)."
+    batch: Optional[list[int]] = typer.Option(
+        None,
+        "--batch",
+        min=1,
+        help="Batch sizes for throughput (repeatable; default 1, 8, 32; --backends: 1).",
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    backend: str = typer.Option("pytorch", "--backend", help="pytorch or onnxruntime."),
+    backend: Optional[str] = typer.Option(
+        None,
+        "--backend",
+        help="pytorch, onnxruntime or openvino (default: the --weights file's, else pytorch).",
+    ),
+    backends: Optional[str] = typer.Option(
+        None,
+        "--backends",
+        help="Compare runtimes in one run: all, or a comma-separated list of pytorch, onnxruntime, openvino "
+        "(each in every precision it has: FP32, bf16, INT8).",
+    ),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", help="--backends: the row speeds are relative to (default: pytorch-eager)."
+    ),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="--backends: score each runtime on this data set (COCO .json, VOC, YOLO .yaml)."
+    ),
+    split: str = typer.Option("val", "--split", help="--backends: the split of --data to score on."),
+    max_images: Optional[int] = typer.Option(
+        None, "--max-images", min=1, help="--backends: score only the first N images."
+    ),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="--backends: also the INT8 runtimes."),
+    calib_data: Optional[str] = typer.Option(
+        None, "--calib-data", help="--backends: INT8 calibration data (default: --data, else random images)."
+    ),
+    calib_split: str = typer.Option(
+        "train", "--calib-split", help="--backends: split of the calibration data."
+    ),
+    calib_num: int = typer.Option(300, "--calib-num", min=1, help="--backends: INT8 calibration images."),
+    float_heads: bool = typer.Option(
+        False, "--float-heads/--int8-heads", help="--backends: INT8 keeps the loc/conf head convs in float."
+    ),
+    settle: float = typer.Option(
+        1.0, "--settle", min=0.0, help="--backends: seconds of pause before each timed call."
+    ),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)."),
     warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed runs before each measurement."),
     repeats: int = typer.Option(
@@ -68,20 +107,35 @@ def bench(
     from m2det.engine.bench import BenchSettings, run_bench
     from m2det.io.jsonfile import write_json
 
+    model = str(weights) if weights is not None else preset
+    if backends is not None:
+        if backend is not None:
+            raise M2DetError("give --backend (one runtime, in detail) or --backends (a comparison), not both")
+        if device != "cpu":
+            raise M2DetError("--backends compares the CPU runtimes: leave out --device")
+        _compare_runtimes(
+            model, size, num_classes, backends, baseline, batch or [1], threads, warmup, repeats, settle,
+            data, split, max_images, settings, int8, calib_data, calib_split, calib_num, float_heads, out,
+        )  # fmt: skip
+        return
     if image is not None and not image.is_file():
         raise FileNotFoundError(f"--image: file not found: {image}")
     if load == "model" and weights is None:
         raise M2DetError(
             "--load model measures a trained model's own output: give --weights (and an --image)"
         )
+    if backend is None:
+        from m2det.inference.network import check_backend_choice
+
+        backend = check_backend_choice(None, weights)
     settings_obj = BenchSettings(
-        model=str(weights) if weights is not None else preset,
+        model=model,
         input_size=size,
         num_classes=num_classes,
         device=device,
         backend=backend,
         threads=threads,
-        batch_sizes=tuple(batch),
+        batch_sizes=tuple(batch or [1, 8, 32]),
         warmup=warmup,
         repeats=repeats,
         optimize=optimize,
@@ -100,6 +154,82 @@ def bench(
     )
     _print(result)
     typer.echo(f"wrote {path}")
+
+
+def _compare_runtimes(
+    model: str,
+    size: Optional[int],
+    num_classes: Optional[int],
+    backends: str,
+    baseline: Optional[str],
+    batch: list[int],
+    threads: Optional[int],
+    warmup: int,
+    repeats: int,
+    settle: float,
+    data: Optional[str],
+    split: str,
+    max_images: Optional[int],
+    settings: str,
+    int8: bool,
+    calib_data: Optional[str],
+    calib_split: str,
+    calib_num: int,
+    float_heads: bool,
+    out: Optional[Path],
+) -> None:
+    """`--backends`: every runtime in one run; prints the table, writes JSON, CSV and Markdown."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from m2det.cli.common import next_run_dir
+    from m2det.engine.bench_runtimes import (
+        RuntimeBenchSettings,
+        parse_backends,
+        run_runtime_bench,
+        table_rows,
+        title,
+        write_results,
+    )
+
+    if Path(model).suffix in (".onnx", ".xml"):
+        raise M2DetError(
+            f"--backends builds every runtime from one PyTorch model: give a preset or a .safetensors, not {model}"
+        )
+    result = run_runtime_bench(
+        RuntimeBenchSettings(
+            model=model,
+            input_size=size,
+            num_classes=num_classes,
+            backends=parse_backends(backends),
+            int8=int8,
+            threads=threads,
+            batch_sizes=tuple(batch),
+            warmup=warmup,
+            repeats=repeats,
+            settle_s=settle,
+            baseline=baseline,
+            data=data,
+            split=split,
+            max_images=max_images,
+            postprocess=settings,
+            calib_data=calib_data,
+            calib_split=calib_split,
+            calib_num=calib_num,
+            float_heads=float_heads,
+        ),
+        log=lambda message: typer.echo(f"  {message}", err=True),
+    )
+    path = out if out is not None else next_run_dir(Path("runs") / "bench") / "runtimes.json"
+    written = write_results(result, path)
+    rows = list(table_rows(result))
+    table = Table(title=title(result))
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column in ("runtime", "status", "note") else "right")
+    for row in rows:
+        table.add_row(*row.values())
+    Console(width=max(Console().width, 160)).print(table)
+    typer.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def _print(result: dict[str, Any]) -> None:

@@ -62,7 +62,10 @@ def detect(
     ),
     save: bool = typer.Option(True, "--save/--no-save", help="Write annotated images and videos."),
     backend: Optional[str] = typer.Option(
-        None, "--backend", help="pytorch | onnxruntime (default: onnxruntime for an .onnx --weights file)."
+        None,
+        "--backend",
+        help="pytorch | onnxruntime | openvino (default: the --weights file's: .onnx onnxruntime, .xml "
+        "openvino; openvino with a .safetensors converts it in memory).",
     ),
     precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
     resume: bool = typer.Option(
@@ -97,8 +100,10 @@ def detect(
     from m2det.inference.runner import DetectRun
     from m2det.inference.sources import resolve_source
 
-    check_backend_choice(backend, weights)  # an .onnx file loads as an ONNX Runtime model below
-    check_precision_choice(precision, weights)
+    chosen_backend = check_backend_choice(
+        backend, weights
+    )  # before anything runs: a wrong choice fails at once
+    check_precision_choice(precision, weights, chosen_backend)
     items = resolve_source(source)
     chosen = get_settings(settings)
     if nms is not None:
@@ -129,6 +134,7 @@ def detect(
                 sizes=parse_sizes(sizes),
                 flip=flip,
                 precision=precision,
+                backend=backend,
             )
         if workers is None:
             workers = default_workers(processes=info.world_size)

@@ -32,7 +32,9 @@ def evaluate_command(
         help="VOC image set / YOLO split / image subfolder (a COCO json is one split).",
     ),
     weights: Optional[Path] = typer.Option(
-        None, "--weights", help="Model to run: our .safetensors, or an official .pth with --preset."
+        None,
+        "--weights",
+        help="Model to run: our .safetensors, an official .pth with --preset, or an export (.onnx, .xml).",
     ),
     preset: Optional[str] = typer.Option(
         None, "--preset", help="Preset of an official .pth checkpoint, e.g. m2det512_vgg16."
@@ -43,6 +45,12 @@ def evaluate_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a new runs/eval/expN)."),
     batch: int = typer.Option(8, "--batch", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    backend: Optional[str] = typer.Option(
+        None,
+        "--backend",
+        help="pytorch | onnxruntime | openvino (default: the --weights file's: .onnx onnxruntime, .xml "
+        "openvino; openvino with a .safetensors converts it in memory).",
+    ),
     settings: str = typer.Option(
         "paper",
         "--settings",
@@ -98,6 +106,12 @@ def evaluate_command(
         raise M2DetError("--preset goes with --weights (an official .pth checkpoint), not with --detections")
     if detections is not None and precision is not None:
         raise M2DetError("--precision goes with --weights (a model to run), not with --detections")
+    if detections is not None and backend is not None:
+        raise M2DetError("--backend goes with --weights (the model to run), not with --detections")
+    if weights is not None:
+        from m2det.inference.network import check_backend_choice, check_precision_choice
+
+        check_precision_choice(precision, weights, check_backend_choice(backend, weights))
     if detections is not None:
         if not distributed.env_info().is_main:
             return  # scoring a file is one process's work
@@ -127,6 +141,7 @@ def evaluate_command(
                 workers=workers,
                 max_images=max_images,
                 voc_plus_one=voc_plus_one,
+                backend=backend,
             )
         finally:
             distributed.cleanup()

@@ -29,10 +29,15 @@ def is_loopback(host: str) -> bool:
 @user_errors
 def serve(
     weights: Optional[Path] = typer.Option(
-        None, help="Our .safetensors model, or an official .pth with --preset."
+        None, help="Our .safetensors model, an official .pth with --preset, or an export (.onnx, .xml)."
     ),
     preset: Optional[str] = typer.Option(None, help="Architecture for an official .pth (or random weights)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    backend: Optional[str] = typer.Option(
+        None,
+        help="pytorch | onnxruntime | openvino (default: the --weights file's: .onnx onnxruntime, .xml "
+        "openvino; openvino with a .safetensors converts it in memory).",
+    ),
     score: float = typer.Option(
         0.3,
         min=0.0,
@@ -99,7 +104,13 @@ def serve(
         cors_origins=tuple(cors_origin or ()),
     )
     detector = Detector(
-        weights, preset=preset, device=device, settings=settings, batch_size=max_batch, precision=precision
+        weights,
+        preset=preset,
+        device=device,
+        settings=settings,
+        batch_size=max_batch,
+        precision=precision,
+        backend=backend,
     )
     typer.echo(f"serving {detector.model.config.name} on http://{host}:{port} (POST /detect, docs at /docs)")
     limits = ServerLimits(

@@ -1,4 +1,5 @@
-"""Export an M2Det as one self-describing file: ONNX (for ONNX Runtime and others) or TorchScript.
+"""Export an M2Det as one self-describing file: ONNX (for ONNX Runtime and others), TorchScript, or
+an OpenVINO IR (.xml + .bin, FP32 or INT8).
 
 The exported graph takes the normalised batch `images` float32 [N, 3, S, S] (N dynamic, S fixed:
 the anchors are laid out for it) and returns
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import nms
 
+from m2det.deploy.calibration import CalibrationImages, QuantizationReport
 from m2det.deploy.formats import FORMAT, INPUT_NAME, NMS_OUTPUT_NAMES, OUTPUT_NAMES
 from m2det.deploy.fuse import fold_batchnorms
 from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
@@ -396,6 +398,66 @@ def export_torchscript(
         _compare(report, graph, x, got, tolerance)
         report.check_batch = check_batch
     return report
+
+
+def openvino_model(model: M2Det, input_size: Optional[int] = None, fold_batchnorm: bool = True) -> Any:
+    """`model` converted in memory to an `openvino.Model` (FP32): the graph `export_onnx` writes
+    (without NMS), with its metadata in the IR's rt_info (`m2det.deploy.openvino_backend`)."""
+    return _convert_graph(model, DetectionGraph(model, input_size, fold_batchnorm).cpu())
+
+
+def _convert_graph(model: M2Det, graph: DetectionGraph) -> Any:
+    from m2det.deploy.openvino_backend import convert_to_openvino
+
+    example = _check_input(graph.network, graph.input_size, 2)
+    return convert_to_openvino(graph, example, export_metadata(model, graph.input_size, None))
+
+
+def export_openvino(
+    model: M2Det,
+    path: Union[str, Path],
+    *,
+    input_size: Optional[int] = None,
+    fold_batchnorm: bool = True,
+    check: bool = True,
+    check_batch: int = 2,
+    tolerance: float = 1e-4,
+    int8: Optional[CalibrationImages] = None,
+    calibration_source: str = "",
+    float_heads: bool = False,
+) -> tuple[ExportReport, Optional[QuantizationReport]]:
+    """Write `model` as an OpenVINO IR (`path` .xml and its .bin) with a dynamic batch, the outputs
+    of `export_onnx` (no NMS: OpenVINO runs m2det's own post-processing) and the same metadata.
+
+    With `check`, the FP32 IR runs on OpenVINO (f32 inference precision) on `check_batch` images
+    and is compared to PyTorch like the ONNX export. With `int8` (calibration images), the checked
+    FP32 IR is then quantised with NNCF (`m2det.deploy.openvino_quantize`) and that is written;
+    the second value says what the quantisation did (None for FP32).
+    """
+    from m2det.deploy.openvino_backend import OpenVinoNetwork, save_openvino
+
+    path = Path(path)
+    graph = DetectionGraph(model, input_size, fold_batchnorm).cpu()
+    size = graph.input_size
+    converted = _convert_graph(model, graph)
+    report = ExportReport(path=path, format="openvino", outputs=OUTPUT_NAMES)
+    quantization: Optional[QuantizationReport] = None
+    if int8 is None:
+        save_openvino(converted, path)
+    if check:
+        x = _check_input(graph.network, size, check_batch, seed=1).cpu()
+        network = OpenVinoNetwork(path if int8 is None else converted)
+        outputs = network.outputs(x, list(OUTPUT_NAMES))
+        _compare(report, graph, x, [outputs[name] for name in OUTPUT_NAMES], tolerance)
+        report.check_batch = check_batch
+    if int8 is not None:
+        from m2det.deploy.openvino_quantize import quantize_openvino
+
+        quantized, quantization = quantize_openvino(
+            converted, int8, source=calibration_source, float_heads=float_heads
+        )
+        quantization.path = save_openvino(quantized, path)
+    return report, quantization
 
 
 def read_torchscript_metadata(path: Union[str, Path]) -> dict[str, str]:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from m2det.config import ModelConfig
-from m2det.deploy.formats import FORMAT, INPUT_NAME
+from m2det.deploy.formats import INPUT_NAME, check_metadata
 from m2det.errors import FileFormatError, M2DetError
 
 
@@ -51,15 +51,7 @@ def read_onnx_metadata(path: Union[str, Path]) -> dict[str, str]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors
         raise FileFormatError(f"{path}: not an ONNX model ({exc})") from None
-    return _check_metadata({p.key: p.value for p in proto.metadata_props}, path)
-
-
-def _check_metadata(metadata: dict[str, str], path: Path) -> dict[str, str]:
-    if metadata.get("m2det.format") != FORMAT or "m2det.config" not in metadata:
-        raise FileFormatError(
-            f"{path}: an ONNX model without m2det metadata; export models with `m2det export`"
-        )
-    return metadata
+    return check_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
 class OnnxRuntimeNetwork:
@@ -77,7 +69,7 @@ class OnnxRuntimeNetwork:
     ):
         self.path = Path(path)
         self.session = create_session(self.path, threads, providers)
-        self.metadata = _check_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
+        self.metadata = check_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.config = ModelConfig.from_dict(json.loads(self.metadata["m2det.config"]))
         self.config.backbone.weights = None  # the graph holds the trained weights
         self.fixed_input_size: Optional[int] = int(self.metadata["m2det.input_size"])

@@ -12,21 +12,19 @@ float: it is cheap, and quantising box offsets or probabilities would cost accur
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-import torch
 from onnxruntime.quantization import CalibrationDataReader
 
+from m2det.deploy.calibration import CalibrationImages, QuantizationReport, dataset_calibration_images
 from m2det.deploy.formats import INPUT_NAME
-from m2det.errors import ConfigError, M2DetError
+from m2det.errors import ConfigError
 from m2det.io.atomic import atomic_path
 
 # Ops quantised (when their neighbours allow): the convolutions carry the work, the rest lets
@@ -36,56 +34,17 @@ QUANTIZED_OP_TYPES = ("Conv", "MaxPool", "Concat", "Resize", "Add", "Mul", "Relu
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
-@dataclass
-class QuantizationReport:
-    """What `quantize_onnx` did: ops now running on int8 inputs by type, ops left in float, the calibration."""
-
-    path: Path
-    quantized_ops: dict[str, int]
-    float_ops: dict[str, int]
-    calibration_images: int
-    calibration_source: str
-    seconds: float
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        quantized = ", ".join(f"{op} x{n}" for op, n in sorted(self.quantized_ops.items()))
-        floating = ", ".join(f"{op} x{n}" for op, n in sorted(self.float_ops.items()))
-        return (
-            f"int8 ops: {quantized or 'none'}\nfloat ops: {floating or 'none'}\n"
-            f"calibrated on {self.calibration_images} images of {self.calibration_source} in {self.seconds:.0f} s"
-        )
-
-
-class DatasetCalibrationReader(CalibrationDataReader):
-    """An ONNX Runtime `CalibrationDataReader` over images of a data set, one image per batch.
-
-    `num_images` images are drawn without replacement (seeded) from `dataset`, which should carry
-    the eval transform (a square uint8 image of the graph's input size); `normalize` maps RGB in
-    [0, 1] to the graph's input convention (`m2det.models.transform.normalize` with the model's means).
-    """
+class DatasetCalibrationReader(CalibrationImages, CalibrationDataReader):
+    """ONNX Runtime's `CalibrationDataReader` over `CalibrationImages`: one image per batch, fed as
+    the graph's input `images`."""
 
     def __init__(self, dataset: Any, normalize: Any, num_images: int, seed: int = 0):
-        if num_images < 1:
-            raise M2DetError(f"the number of calibration images must be >= 1, got {num_images}")
-        count = min(num_images, len(dataset))
-        self.dataset = dataset
-        self.normalize = normalize
-        self.indices = sorted(random.Random(seed).sample(range(len(dataset)), count))
+        super().__init__(dataset, normalize, num_images, seed)
         self._iterator: Optional[Iterator[dict[str, np.ndarray]]] = None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        for index in self.indices:
-            image, _ = self.dataset[index]
-            rgb = torch.as_tensor(image).as_subclass(torch.Tensor).float()[None] / 255.0
-            yield {INPUT_NAME: self.normalize(rgb).numpy()}
 
     def get_next(self) -> Optional[dict[str, np.ndarray]]:
         if self._iterator is None:
-            self._iterator = self._batches()
+            self._iterator = ({INPUT_NAME: batch} for batch in self.batches())
         return next(self._iterator, None)
 
     def rewind(self) -> None:
@@ -97,16 +56,11 @@ def calibration_reader(
 ) -> DatasetCalibrationReader:
     """Calibration images from `m2det.data.build_dataset(source, split)` with the eval transform,
     normalised as the ONNX model at `fp32_path` expects."""
-    from functools import partial
-
-    from m2det.data import build_dataset, build_eval_transform
     from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
-    from m2det.models.transform import normalize, pixel_means_tensor
 
     network = OnnxRuntimeNetwork(fp32_path)
-    dataset = build_dataset(source, split, transforms=build_eval_transform(network.input_size))
-    means = pixel_means_tensor(network.config.pixel_means)
-    return DatasetCalibrationReader(dataset, partial(normalize, pixel_means=means), num_images, seed)
+    images = dataset_calibration_images(network.config, network.input_size, source, split, num_images, seed)
+    return DatasetCalibrationReader(images.dataset, images.normalize, num_images, seed)
 
 
 def _tail_nodes(graph: Any, last_convs: bool = False) -> list[str]:
@@ -277,9 +231,3 @@ def quantize_onnx(
         seconds=time.perf_counter() - start,
         settings=settings,
     )
-
-
-def report_dict(report: QuantizationReport) -> dict[str, Any]:
-    data = asdict(report)
-    data["path"] = str(report.path)
-    return data

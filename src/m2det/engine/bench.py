@@ -5,7 +5,7 @@ convolution throughput measured in the same run.
 Every figure is the median over repeated runs after warm-up, with its spread. The reference is
 one 3x3 conv, 256 -> 256 channels at 40x40 (the size of M2Det320's largest pyramid level), at
 the same batch, threads, dtype and memory format; its runs are interleaved with the network's,
-so both see the same machine load (with ONNX Runtime, the reference runs just before the network
+so both see the same machine load (with ONNX Runtime or OpenVINO, the reference runs just before the network
 instead, as two thread pools interleaved on few cores slow each other). Post-processing runs on a realistic load: predictions
 synthesised so that a stated number of (anchor, class) scores pass the threshold, clustered
 around objects as a trained detector's are (`m2det.boxes.synthesize`; or, on request, the network's
@@ -33,7 +33,7 @@ from m2det.device import resolve_device
 from m2det.errors import M2DetError
 from m2det.inference.network import BACKENDS, Network
 from m2det.inference.pipeline import DetectionPipeline
-from m2det.utils.machine import cpu_flags, cpu_model
+from m2det.utils.machine import cpu_model, present_speed_flags
 from m2det.utils.memory import PeakMemory
 from m2det.utils.timing import Stopwatch
 
@@ -47,7 +47,8 @@ class BenchSettings:
     """What `run_bench` measures.
 
     `model`: a preset name (random weights: fine for speed; post-processing then runs on the
-    synthesised load), our `.safetensors` file, or an `.onnx` file (backend onnxruntime).
+    synthesised load), our `.safetensors` file, an `.onnx` file (backend onnxruntime) or an OpenVINO
+    `.xml` IR (backend openvino; a preset or `.safetensors` with backend openvino is converted).
     `optimize` applies `m2det.deploy.optimize_for_inference` (PyTorch backend) with the given
     overrides (None: its defaults). `postprocess_load`: "synthetic" (exactly
     `boxes_above_threshold` scores above the threshold) or "model" (the network's own output on
@@ -110,7 +111,23 @@ def _load(settings: BenchSettings, device: torch.device) -> tuple[Network, Calla
         onnx_network = OnnxRuntimeNetwork(path, threads=settings.threads)
         quantization = onnx_network.metadata.get("m2det.quantization")
         return onnx_network, onnx_network.forward_raw, {"onnx": str(path), "quantization": quantization}
-    model = _torch_model(settings).to(device).eval()
+    if path.suffix == ".xml":
+        if settings.backend != "openvino":
+            raise M2DetError(f"{path}: an OpenVINO model runs with backend openvino, not {settings.backend}")
+        from m2det.deploy.openvino_backend import OpenVinoNetwork
+
+        ov_network = OpenVinoNetwork(path, threads=settings.threads)
+        quantization = ov_network.metadata.get("m2det.quantization")
+        return ov_network, ov_network.forward_raw, {"openvino": str(path), "quantization": quantization}
+    model = bench_model(settings.model, settings.num_classes).to(device).eval()
+    if settings.backend == "openvino":
+        from m2det.deploy.export import openvino_model
+        from m2det.deploy.openvino_backend import OpenVinoNetwork
+
+        ov_network = OpenVinoNetwork(
+            openvino_model(model.cpu(), settings.input_size), threads=settings.threads
+        )
+        return ov_network, ov_network.forward_raw, {"openvino": "converted for this run (FP32)"}
     if settings.backend == "onnxruntime":
         from m2det.deploy.export import export_onnx
         from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
@@ -134,21 +151,24 @@ def _load(settings: BenchSettings, device: torch.device) -> tuple[Network, Calla
     return fast, fast.forward_raw, {"optimized": True, **fast.options.to_dict()}
 
 
-def _torch_model(settings: BenchSettings) -> Any:
+def bench_model(model: str, num_classes: Optional[int] = None) -> Any:
+    """The PyTorch M2Det to measure: a preset's (random weights, `num_classes` if given) or our
+    `.safetensors` file's."""
     from m2det.models import build_model
     from m2det.models.loading import load_model
 
-    path = Path(settings.model)
+    path = Path(model)
     if path.suffix == ".safetensors":
         return load_model(path)
-    if path.suffix in (".pth", ".pt", ".onnx") or os.sep in settings.model:
+    if path.suffix in (".pth", ".pt", ".onnx", ".xml") or os.sep in model:
         raise M2DetError(
-            f"model: expected a preset name, our .safetensors file or an .onnx export, got {settings.model!r}"
+            "model: expected a preset name, our .safetensors file or an export (.onnx, OpenVINO .xml), "
+            f"got {model!r}"
         )
     overrides: dict[str, Any] = {"backbone.weights": None}
-    if settings.num_classes is not None:
-        overrides["num_classes"] = settings.num_classes
-    return build_model(settings.model, **overrides)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    return build_model(model, **overrides)
 
 
 def _test_image(settings: BenchSettings) -> Tensor:
@@ -204,7 +224,8 @@ def _measure(settings: BenchSettings, log: Callable[[str], None]) -> dict[str, A
     complexity = measure(config, size)
     timer = Stopwatch(device)
     options = backend_info if settings.backend == "pytorch" else {}
-    channels_last = bool(options.get("channels_last", False)) or settings.backend == "onnxruntime"
+    # ONNX Runtime and OpenVINO run convolutions in blocked layouts, closest to channels-last
+    channels_last = bool(options.get("channels_last", False)) or settings.backend != "pytorch"
     ref_dtype = (
         {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.precision)
         if settings.backend == "pytorch"
@@ -303,7 +324,7 @@ def _measure(settings: BenchSettings, log: Callable[[str], None]) -> dict[str, A
         "throughput": throughput,
         "reference_conv": {
             **REFERENCE_CONV,
-            "what": "one 3x3 conv (PyTorch) at each batch size, same threads/dtype/memory format, runs interleaved with the network's (PyTorch) or just before them (ONNX Runtime)",
+            "what": "one 3x3 conv (PyTorch) at each batch size, same threads/dtype/memory format, runs interleaved with the network's (PyTorch) or just before them (ONNX Runtime, OpenVINO)",
             "channels_last": channels_last,
             "dtype": str(ref_dtype or torch.float32).removeprefix("torch."),
         },
@@ -313,7 +334,7 @@ def _measure(settings: BenchSettings, log: Callable[[str], None]) -> dict[str, A
             "batch_sizes": list(settings.batch_sizes),
             "image_size": list(settings.image_size),
         },
-        "environment": _environment(load_before, started),
+        "environment": environment(load_before, started),
     }
 
 
@@ -323,12 +344,14 @@ def _precision(settings: BenchSettings, backend_info: dict[str, Any]) -> str:
     return "int8" if backend_info.get("quantization") else "fp32"
 
 
-def _environment(load_before: Optional[tuple[float, float, float]], started: float) -> dict[str, Any]:
+def environment(load_before: Optional[tuple[float, float, float]], started: float) -> dict[str, Any]:
+    """What a speed figure depends on: versions, the CPU and its vector extensions, the machine's
+    load average before and after the run (`load_before`), the seconds since `started`."""
     info: dict[str, Any] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": present_speed_flags(),
         "cpu_count": os.cpu_count(),
         "seconds": time.time() - started,
     }
@@ -336,6 +359,10 @@ def _environment(load_before: Optional[tuple[float, float, float]], started: flo
         import onnxruntime
 
         info["onnxruntime"] = onnxruntime.__version__
+    with contextlib.suppress(ImportError):
+        import openvino
+
+        info["openvino"] = openvino.__version__
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     if load_before is not None:
@@ -344,4 +371,4 @@ def _environment(load_before: Optional[tuple[float, float, float]], started: flo
     return info
 
 
-__all__ = ["BenchSettings", "reference_conv", "run_bench"]
+__all__ = ["BenchSettings", "bench_model", "environment", "reference_conv", "run_bench"]

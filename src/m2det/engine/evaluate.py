@@ -758,11 +758,12 @@ def evaluate_weights(
     workers: int = 0,
     max_images: Optional[int] = None,
     voc_plus_one: Optional[bool] = None,
+    backend: Optional[str] = None,
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Run the model file `weights` (an official .pth with its `preset`) on `data` with these
-    post-processing settings and test-time options, and score it; returns the result and what
-    was run, for its metrics.json. `precision`: as `Detector`'s. VOC AP's +1 pixel areas: as in
-    `score_results_file`."""
+    post-processing settings and test-time options, on `backend` (None: the file's own, as
+    `Detector` picks it) in `precision` (as `Detector`'s), and score it; returns the result and
+    what was run, for its metrics.json. VOC AP's +1 pixel areas: as in `score_results_file`."""
     from dataclasses import asdict
 
     from m2det.data import build_dataset
@@ -781,6 +782,7 @@ def evaluate_weights(
         sizes=sizes,
         flip=flip,
         precision=precision,
+        backend=backend,
     )
     result = evaluate(
         detector,
@@ -801,4 +803,5 @@ def evaluate_weights(
         "flip": detector.flip,
         "precision": precision,
         "device": str(detector.device),
+        "runtime": type(detector.network).__name__,
     }

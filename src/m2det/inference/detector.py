@@ -3,8 +3,8 @@
     detector = m2det.Detector("m2det512.safetensors", device="cuda")
     result = detector("street.jpg")   # {"boxes", "scores", "labels", "label_names"}
 
-The network is a `m2det.inference.Network` (the PyTorch model, or an `.onnx` file run by ONNX
-Runtime) inside a `DetectionPipeline`, so decoding, multi-scale merging and NMS stay the same.
+The network is a `m2det.inference.Network` (the PyTorch model, an `.onnx` file run by ONNX
+Runtime, or an OpenVINO `.xml` IR) inside a `DetectionPipeline`, so decoding, multi-scale merging and NMS stay the same.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ class Detector:
 
     Args:
         weights: our `.safetensors` model file, an `.onnx` file from `m2det export` (run by ONNX
-            Runtime), or an official `.pth` checkpoint (then `preset`
-            names its architecture, e.g. "m2det512_vgg16"). None: RANDOM weights, with a warning.
+            Runtime), an OpenVINO `.xml` IR from `m2det export` (run by OpenVINO), or an official
+            `.pth` checkpoint (then `preset` names its architecture, e.g. "m2det512_vgg16").
+            None: RANDOM weights, with a warning.
         preset: the architecture for an official checkpoint or for random weights.
-        device: where the network runs ("cpu", "cuda", "cuda:1", ...); an `.onnx` model runs on
-            the CPU.
+        device: where the network runs ("cpu", "cuda", "cuda:1", ...); an `.onnx` or `.xml`
+            model runs on the CPU.
         score_threshold: the lowest score a returned detection has, applied after NMS (soft-NMS
             lowers the scores of overlapping boxes, so a candidate above it can end below); it is
             also the candidate threshold before NMS. None: the settings' own (candidates above 0.05
@@ -49,6 +50,9 @@ class Detector:
             (`m2det.deploy.optimize_for_inference`) in that precision (bf16/fp16 on a CPU only where
             it computes them natively; outputs then differ by the reduced precision); None: the
             eager model. An `.onnx` model runs in its own precision (fp32 or None only).
+        backend: "pytorch", "onnxruntime" or "openvino"; None: the file's own (`.onnx`: ONNX
+            Runtime, `.xml`: OpenVINO, else PyTorch). "openvino" with a PyTorch model file
+            converts it to OpenVINO (FP32) in memory.
 
     Calling the detector with one image returns one dict, with a list of images a list of dicts:
     `boxes` (xyxy float32, pixels of the original image), `scores`, `labels` (int64, 1-based) and
@@ -68,6 +72,7 @@ class Detector:
         sizes: Optional[Sequence[int]] = None,
         flip: bool = False,
         precision: Optional[str] = None,
+        backend: Optional[str] = None,
     ):
         if batch_size < 1:
             raise M2DetError(f"batch_size must be >= 1, got {batch_size}")
@@ -75,14 +80,14 @@ class Detector:
         chosen = get_settings(settings)
         if score_threshold is not None:
             chosen = chosen.replace(score_threshold=float(score_threshold), min_score=float(score_threshold))
-        network = load_network(weights, preset, self.device, precision=precision)
+        network = load_network(weights, preset, self.device, precision=precision, backend=backend)
         self.pipeline = DetectionPipeline(network, chosen, sizes=sizes, flip=flip)
         self.batch_size = int(batch_size)
 
     @property
     def network(self) -> Network:
         """What runs the network: the PyTorch `M2Det` (an `OptimizedNetwork` with a `precision`), or
-        an ONNX Runtime one for an `.onnx` file."""
+        the ONNX Runtime / OpenVINO one."""
         return self.pipeline.network
 
     @property

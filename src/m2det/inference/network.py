@@ -7,7 +7,8 @@ every runtime:
 
 * eager PyTorch: `m2det.M2Det` itself,
 * the fast PyTorch path: `m2det.deploy.OptimizedNetwork` (`optimize_for_inference`),
-* ONNX Runtime, FP32 or INT8: `m2det.deploy.onnx_backend.OnnxRuntimeNetwork`.
+* ONNX Runtime, FP32 or INT8: `m2det.deploy.onnx_backend.OnnxRuntimeNetwork`,
+* OpenVINO, FP32 or INT8: `m2det.deploy.openvino_backend.OpenVinoNetwork`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from m2det.io.torchfile import is_torch_file
 from m2det.models.m2det import M2Det
 
 DEFAULT_PRESET = "m2det320_vgg16"
-BACKENDS = ("pytorch", "onnxruntime")
+BACKENDS = ("pytorch", "onnxruntime", "openvino")
+# The file each exported format is written as, and the runtime that runs it.
+EXPORTED_SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}
 
 
 @runtime_checkable
@@ -60,35 +63,43 @@ class Network(Protocol):
 
 
 def check_backend_choice(backend: Optional[str], weights: Optional[Union[str, Path]]) -> str:
-    """The runtime for `weights` (an `.onnx` file runs on ONNX Runtime, anything else on PyTorch),
-    with a clear error when an explicit `backend` cannot run that file."""
-    is_onnx = weights is not None and Path(weights).suffix == ".onnx"
-    chosen = backend or ("onnxruntime" if is_onnx else "pytorch")
+    """The runtime for `weights`, with a clear error when an explicit `backend` cannot run that file.
+
+    An `.onnx` file runs on ONNX Runtime, an `.xml` (OpenVINO IR) on OpenVINO, anything else on
+    PyTorch; `openvino` also runs a PyTorch model file (or a preset's random weights), converted
+    in memory when it is loaded.
+    """
+    suffix = Path(weights).suffix if weights is not None else ""
+    exported = EXPORTED_SUFFIXES.get(suffix)
+    chosen = backend or exported or "pytorch"
     if chosen not in BACKENDS:
         raise M2DetError(f"--backend must be one of {BACKENDS}, got {chosen!r}")
-    if chosen == "onnxruntime" and not is_onnx:
+    if exported is not None and chosen != exported:
+        raise M2DetError(f"{weights}: an {suffix} model runs with --backend {exported}, not {chosen}")
+    if chosen == "onnxruntime" and exported is None:
         raise M2DetError(
             f"--backend onnxruntime runs an exported .onnx model, got {weights or 'no --weights'}; "
             "export one first with `m2det export model.onnx --weights ...`"
         )
-    if chosen == "pytorch" and is_onnx:
-        raise M2DetError(f"{weights}: an .onnx model runs with --backend onnxruntime")
     return chosen
 
 
-def check_precision_choice(precision: Optional[str], weights: Optional[Union[str, Path]]) -> None:
-    """A clear error for a precision the runtime of `weights` cannot honour: an `.onnx` file runs
-    in the precision it was exported in (FP32, or INT8 from `m2det export --int8`)."""
+def check_precision_choice(
+    precision: Optional[str], weights: Optional[Union[str, Path]], backend: str = "pytorch"
+) -> None:
+    """A clear error for a precision the runtime cannot honour: ONNX Runtime and OpenVINO run a
+    model in the precision it was exported in (FP32, or INT8 from `m2det export --int8`)."""
     if precision is None:
         return
     from m2det.deploy.optimize import PRECISIONS
 
     if precision not in PRECISIONS:
         raise M2DetError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if weights is not None and Path(weights).suffix == ".onnx" and precision != "fp32":
+    if backend != "pytorch" and precision != "fp32":
+        runtime = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(backend, backend)
         raise M2DetError(
-            f"--precision {precision}: {weights} runs on ONNX Runtime in the precision it was exported in "
-            "(FP32, or INT8 with `m2det export --int8`); --precision applies to PyTorch models"
+            f"--precision {precision}: {weights or 'the model'} runs on {runtime} in the precision it was "
+            "exported in (FP32, or INT8 with `m2det export --int8`); --precision applies to PyTorch models"
         )
 
 
@@ -98,18 +109,32 @@ def load_network(
     device: Union[str, torch.device] = "cpu",
     threads: Optional[int] = None,
     precision: Optional[str] = None,
+    backend: Optional[str] = None,
 ) -> Network:
-    """The network a model file holds, ready to run: an `.onnx` export on ONNX Runtime (on the
-    CPU, with `threads`), anything else as `load_model_for_inference` reads it, on `device`, in eval mode.
+    """The network a model file holds, ready to run on `backend` (default: the file's own, see
+    `check_backend_choice`): an `.onnx` export on ONNX Runtime, an `.xml` IR on OpenVINO (both on
+    the CPU, with `threads`), anything else as `load_model_for_inference` reads it, on `device`, in
+    eval mode, or with `backend="openvino"` converted to OpenVINO in memory (FP32).
 
     `precision` (fp32, bf16, fp16) runs a PyTorch model on the fast path
     (`m2det.deploy.optimize_for_inference`) in that precision; None keeps the eager `M2Det`.
     """
-    check_precision_choice(precision, weights)
-    if weights is not None and Path(weights).suffix == ".onnx":
+    chosen = check_backend_choice(backend, weights)
+    check_precision_choice(precision, weights, chosen)
+    if chosen == "onnxruntime":
         from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 
+        assert weights is not None  # check_backend_choice refuses onnxruntime without an .onnx file
         return OnnxRuntimeNetwork(weights, threads=threads)
+    if chosen == "openvino":
+        from m2det.deploy.openvino_backend import OpenVinoNetwork
+
+        if weights is not None and Path(weights).suffix == ".xml":
+            return OpenVinoNetwork(weights, threads=threads)
+        from m2det.deploy.export import openvino_model
+
+        model = load_model_for_inference(weights, preset).eval()
+        return OpenVinoNetwork(openvino_model(model), threads=threads)
     if precision is None:
         return load_model_for_inference(weights, preset).to(device).eval()
     from m2det.deploy.optimize import check_precision, optimize_for_inference
@@ -139,8 +164,10 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".onnx":
-        raise M2DetError(f"{path}: an exported .onnx model is no PyTorch model; run it with load_network")
+    if path.suffix in EXPORTED_SUFFIXES:
+        raise M2DetError(
+            f"{path}: an exported {path.suffix} model is no PyTorch model; run it with load_network"
+        )
     if path.suffix == ".safetensors":
         from m2det.models.loading import load_model
 
@@ -153,7 +180,8 @@ def load_model_for_inference(weights: Union[str, Path, None], preset: Optional[s
     if not is_torch_file(path):
         raise FileFormatError(
             f"{path}: not a model file; expected our .safetensors model (from training or `m2det convert`), "
-            "an official M2Det .pth checkpoint (with its preset) or an .onnx file from `m2det export`"
+            "an official M2Det .pth checkpoint (with its preset), or an .onnx or OpenVINO .xml file from "
+            "`m2det export`"
         )
     if preset is None:
         raise M2DetError(

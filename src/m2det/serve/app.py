@@ -194,6 +194,8 @@ def create_app(
             "num_classes": model_config.num_classes,
             "class_names": detector.class_names,
             "device": str(detector.device),
+            # what runs the network: M2Det (PyTorch), OnnxRuntimeNetwork or OpenVinoNetwork
+            "runtime": type(detector.network).__name__,
             "score_threshold": detector.settings.score_threshold,
             "min_score": config.min_score,
             "max_batch": config.max_batch,

@@ -34,10 +34,17 @@ def cpu_model() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
-def cpu_flags() -> dict[str, bool]:
+def speed_flags() -> dict[str, bool]:
     """Each flag of `CPU_FLAGS`: whether this CPU has it (all False where /proc/cpuinfo is missing)."""
-    present = set(_cpuinfo_field("flags").split())
+    from m2det.device import cpu_flags
+
+    present = cpu_flags() or frozenset()
     return {flag: flag in present for flag in CPU_FLAGS}
+
+
+def present_speed_flags() -> list[str]:
+    """The `CPU_FLAGS` this CPU has, e.g. `["avx2", "avx512f", "avx512_vnni"]`."""
+    return [flag for flag, on in speed_flags().items() if on]
 
 
 def machine_info() -> dict[str, Any]:
@@ -47,7 +54,7 @@ def machine_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "model": cpu_model(),
-        "flags": cpu_flags(),
+        "flags": speed_flags(),
         "cores": os.cpu_count(),
         "usable_cores": usable_cores(),
         "torch": torch.__version__,

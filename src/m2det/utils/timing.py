@@ -53,16 +53,30 @@ class Stopwatch:
         return Timing.of([self(fn) for _ in range(repeats)])
 
     def interleaved(
-        self, fns: dict[str, Callable[[], Any]], repeats: int, calls: Optional[dict[str, int]] = None
+        self,
+        fns: dict[str, Callable[[], Any]],
+        repeats: int,
+        calls: Optional[dict[str, int]] = None,
+        mirrored: bool = False,
+        pause_s: float = 0.0,
     ) -> dict[str, Timing]:
         """Each callable once per round for `repeats` rounds, so that a change in the machine's load
-        hits all alike; `calls[name]` runs a short one that many times per round (its time is per call)."""
+        hits all alike; `calls[name]` runs a short one that many times per round (its time is per call).
+
+        `mirrored` reverses the order every other round (A B C, C B A, ...: ABBA), so that a steady
+        drift in load, or the one that runs after another's cost, falls on each alike; `pause_s`
+        sleeps before each call, outside the timed interval, so that the thread pool of the one
+        before stops spinning on the cores first (needed between different runtimes).
+        """
         calls = calls or {}
         seconds: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
+        order = list(fns)
+        for round_index in range(repeats):
+            for name in reversed(order) if mirrored and round_index % 2 else order:
+                if pause_s > 0:
+                    time.sleep(pause_s)
                 n = calls.get(name, 1)
-                seconds[name].append(self(_repeated(fn, n)) / n)
+                seconds[name].append(self(_repeated(fns[name], n)) / n)
         return {name: Timing.of(values) for name, values in seconds.items()}
 
 
