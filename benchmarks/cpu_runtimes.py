@@ -38,26 +38,16 @@ from torch import Tensor, nn
 
 from m2det.config import get_config
 from m2det.deploy import optimize_for_inference
-from m2det.device import cpu_flags, cpu_supports_bf16
+from m2det.device import cpu_supports_bf16
 from m2det.io.jsonfile import write_json
 from m2det.models import build_model
 from m2det.models.loading import build_official_model
 from m2det.models.m2det import M2Det
-from m2det.utils.machine import cpu_model
+from m2det.utils.machine import cpu_model, present_speed_flags
 from m2det.utils.timing import Timing
 
 DEFAULT_AUTHORS_CODE = Path("/work/authors_m2det")
 BASELINE = "authors no_grad"
-SHOWN_FLAGS = (
-    "avx2",
-    "avx512f",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
-)
 
 Outputs = Any  # (loc, logits) or whatever a runtime returns first
 
@@ -130,34 +120,33 @@ def _ours_bf16_autocast(setup: Setup) -> Union[Callable[[], Outputs], str]:
     return run
 
 
-def _onnx_fp32_path(setup: Setup) -> Path:
-    if "onnx_fp32" not in setup.cache:
-        from m2det.deploy.export import export_onnx
+def _runtime(key: str) -> Builder:
+    """A row run by `m2det bench --backends`' own preparation of runtime `key` (export, INT8
+    calibration), sharing one export between the rows of a setup."""
 
-        path = setup.tmp / f"{setup.preset}.onnx"
-        export_onnx(setup.ours, path)
-        setup.cache["onnx_fp32"] = path
-    return setup.cache["onnx_fp32"]
-
-
-def _onnxruntime(int8: bool) -> Builder:
     def build(setup: Setup) -> Union[Callable[[], Outputs], str]:
-        try:
-            from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
-        except ImportError as error:
-            return f"ONNX Runtime not importable ({error})"
-        path = _onnx_fp32_path(setup)
-        if int8:
-            if setup.calib_data is None:
-                return "INT8 needs --calib-data"
-            from m2det.deploy.quantize import calibration_reader, quantize_onnx
+        from m2det.engine.bench_runtimes import (
+            RUNTIMES,
+            RuntimeBenchSettings,
+            RuntimeContext,
+            prepare_runtime,
+            unavailable,
+        )
 
-            reader = calibration_reader(path, setup.calib_data, "train", 32)
-            path = quantize_onnx(
-                path, setup.tmp / f"{setup.preset}-int8.onnx", reader, source=setup.calib_data
-            ).path
-        network = OnnxRuntimeNetwork(path, threads=setup.threads)
-        return lambda: network.forward_raw(setup.x)
+        spec = next(spec for spec in RUNTIMES if spec.key == key)
+        why = unavailable(spec, int8=True)
+        if why is not None:
+            return why
+        if spec.precision == "int8" and setup.calib_data is None:
+            return "INT8 needs --calib-data"
+        if "context" not in setup.cache:
+            settings = RuntimeBenchSettings(
+                model=setup.preset, calib_data=setup.calib_data, calib_split="train", calib_num=32
+            )
+            size = setup.ours.input_size
+            setup.cache["context"] = RuntimeContext(setup.ours, size, setup.tmp, settings, setup.threads)
+        prepared = prepare_runtime(spec, setup.cache["context"])
+        return lambda: prepared.call(setup.x)
 
     return build
 
@@ -170,8 +159,10 @@ ROW_BUILDERS: list[tuple[str, Builder]] = [
     ("ours fast (default)", _ours_fast()),
     ("ours bf16 autocast", _ours_bf16_autocast),
     ("ours bf16", _ours_fast(precision="bf16")),
-    ("onnxruntime fp32", _onnxruntime(int8=False)),
-    ("onnxruntime int8", _onnxruntime(int8=True)),
+    ("onnxruntime fp32", _runtime("onnxruntime-fp32")),
+    ("onnxruntime int8", _runtime("onnxruntime-int8")),
+    ("openvino fp32", _runtime("openvino-fp32")),
+    ("openvino int8", _runtime("openvino-int8")),
 ]
 
 
@@ -348,10 +339,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     wanted = set(args.rows.split(",")) if args.rows else None
-    flags = cpu_flags() or frozenset()
     machine = {
         "cpu": cpu_model(),
-        "flags": [flag for flag in SHOWN_FLAGS if flag in flags],
+        "flags": present_speed_flags(),
         "threads": args.threads,
         "torch": torch.__version__,
     }

@@ -132,7 +132,7 @@ def unavailable(spec: RuntimeSpec, int8: bool) -> Optional[str]:
 
 
 @dataclass
-class _Prepared:
+class PreparedRuntime:
     network: Network
     call: Callable[[Tensor], Any]
     size_mb: float
@@ -154,7 +154,7 @@ class _NoiseImages(torch.utils.data.Dataset):
 
 
 @dataclass
-class _Context:
+class RuntimeContext:
     """What the rows share: the PyTorch model, the input size, a folder for exports, calibration."""
 
     model: Any
@@ -210,7 +210,7 @@ def _file_mb(*paths: Path) -> float:
     return sum(path.stat().st_size for path in paths) / 1e6
 
 
-def _prepare(spec: RuntimeSpec, ctx: _Context) -> _Prepared:
+def prepare_runtime(spec: RuntimeSpec, ctx: RuntimeContext) -> PreparedRuntime:
     """Build `spec`'s runtime from the shared model."""
     model = ctx.model
     if spec.backend == "pytorch":
@@ -221,18 +221,18 @@ def _prepare(spec: RuntimeSpec, ctx: _Context) -> _Prepared:
                 with torch.no_grad():  # as the authors' test script runs it
                     return model.forward_raw(x)
 
-            return _Prepared(model, eager, weights_mb)
+            return PreparedRuntime(model, eager, weights_mb)
         from m2det.deploy import optimize_for_inference
 
         fast = optimize_for_inference(model, precision=spec.precision)
-        return _Prepared(fast, fast.forward_raw, weights_mb)
+        return PreparedRuntime(fast, fast.forward_raw, weights_mb)
     if spec.backend == "onnxruntime":
         from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
 
         fp32 = ctx.onnx_fp32()
         if spec.precision == "fp32":
             network = OnnxRuntimeNetwork(fp32, threads=ctx.threads)
-            return _Prepared(network, network.forward_raw, _file_mb(fp32))
+            return PreparedRuntime(network, network.forward_raw, _file_mb(fp32))
         from m2det.deploy.quantize import DatasetCalibrationReader, quantize_onnx
 
         images, described = ctx.calibration()
@@ -240,7 +240,7 @@ def _prepare(spec: RuntimeSpec, ctx: _Context) -> _Prepared:
         path = ctx.folder / "int8.onnx"
         quantize_onnx(fp32, path, reader, source=described, float_heads=ctx.settings.float_heads)
         network = OnnxRuntimeNetwork(path, threads=ctx.threads)
-        return _Prepared(network, network.forward_raw, _file_mb(path), f"calibrated on {described}")
+        return PreparedRuntime(network, network.forward_raw, _file_mb(path), f"calibrated on {described}")
     if spec.backend == "openvino":
         from m2det.deploy.openvino_backend import OpenVinoNetwork, save_openvino
 
@@ -256,7 +256,9 @@ def _prepare(spec: RuntimeSpec, ctx: _Context) -> _Prepared:
             note = f"calibrated on {described}"
         path = save_openvino(converted, ctx.folder / f"{spec.precision}.xml")
         ov_network = OpenVinoNetwork(path, threads=ctx.threads)
-        return _Prepared(ov_network, ov_network.forward_raw, _file_mb(path, path.with_suffix(".bin")), note)
+        return PreparedRuntime(
+            ov_network, ov_network.forward_raw, _file_mb(path, path.with_suffix(".bin")), note
+        )
     raise M2DetError(f"no runtime for backend {spec.backend!r}")
 
 
@@ -319,7 +321,7 @@ def _measure(settings: RuntimeBenchSettings, folder: Path, log: Callable[[str], 
     model = bench_model(settings.model, settings.num_classes).cpu().eval()
     size = int(settings.input_size or model.config.input_size)
     threads = torch.get_num_threads()
-    ctx = _Context(model, size, folder, settings, threads)
+    ctx = RuntimeContext(model, size, folder, settings, threads)
     dataset = None
     if settings.data is not None:
         from m2det.data import build_dataset
@@ -335,7 +337,7 @@ def _measure(settings: RuntimeBenchSettings, folder: Path, log: Callable[[str], 
         expected = model.forward_raw(x1)
 
     rows: list[dict[str, Any]] = []
-    prepared: dict[str, _Prepared] = {}
+    prepared: dict[str, PreparedRuntime] = {}
     for spec in RUNTIMES:
         if spec.backend not in settings.backends:
             continue
@@ -348,7 +350,7 @@ def _measure(settings: RuntimeBenchSettings, folder: Path, log: Callable[[str], 
         log(f"preparing {spec.key}")
         start = time.perf_counter()
         try:
-            ready = _prepare(spec, ctx)
+            ready = prepare_runtime(spec, ctx)
         except M2DetError:
             raise  # the user's input (data, calibration source): the same for every row
         except Exception as exc:  # a runtime that fails here is reported, the others still measured

@@ -13,7 +13,7 @@ import torch
 
 # The instruction-set flags that decide which CPU kernels oneDNN / ONNX Runtime can use.
 CPU_FLAGS: tuple[str, ...] = (
-    "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
+    "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
 )  # fmt: skip
 
 
