@@ -20,7 +20,7 @@ def save_figure(figure: Figure, path: Union[str, Path]) -> Path:
     """Write a matplotlib figure as a PNG file, atomically: the one writer every plot goes through."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
+        figure.savefig(tmp, format="png", bbox_inches="tight", pad_inches=0.1)  # no label cut at the edge
     return path
 
 
