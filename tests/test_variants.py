@@ -16,23 +16,13 @@ from m2det.errors import ConfigError, M2DetError
 from m2det.models import build_model, pyramid_sizes
 from m2det.models.complexity import count_params
 from m2det.models.variants import TABLE2_VARIANTS, VARIANT_DESCRIPTIONS, list_variants, variant_config
+from train_helpers import SIZE, TINY_OVERRIDES
 
 VARIANTS = ["ssd", "ssd_deconv", "stum", "tum_first_base", "tum", "tum_sfam", "resnet101"]
 CLASSES = ["Platelets", "RBC", "WBC"]  # BCCD's, for the evaluation on tests/data/bccd
 
 # m2det_tiny at a 64-pixel input with three scales (as train_helpers.tiny_model)
-TINY = {
-    "num_classes": len(CLASSES) + 1,
-    "class_names": CLASSES,
-    "input_size": 64,
-    "mlfpn.num_scales": 3,
-    "mlfpn.planes": 32,
-    "mlfpn.shallow_out": 32,
-    "mlfpn.deep_out": 64,
-    "backbone.width": 16,
-    "anchors.steps": None,
-    "anchors.size_pattern": [0.2, 0.4, 0.7, 1.0],
-}
+TINY = {"num_classes": len(CLASSES) + 1, "class_names": CLASSES, "input_size": SIZE, **TINY_OVERRIDES}
 
 
 def meta_model(config: ModelConfig) -> m2det.M2Det:

@@ -13,6 +13,16 @@ from m2det.config import get_config
 from m2det.models import build_model
 
 SIZE = 64
+# m2det_tiny's overrides for a 64-pixel input with 3 scales and narrow layers
+TINY_OVERRIDES: dict[str, Any] = {
+    "mlfpn.num_scales": 3,
+    "mlfpn.planes": 32,
+    "mlfpn.shallow_out": 32,
+    "mlfpn.deep_out": 64,
+    "backbone.width": 16,
+    "anchors.steps": None,
+    "anchors.size_pattern": [0.2, 0.4, 0.7, 1.0],
+}
 
 
 def tiny_model(
@@ -27,16 +37,7 @@ def tiny_model(
             num_classes=num_classes,
             class_names=class_names,
             input_size=SIZE,
-            **{
-                "mlfpn.num_scales": 3,
-                "mlfpn.planes": 32,
-                "mlfpn.shallow_out": 32,
-                "mlfpn.deep_out": 64,
-                "backbone.width": 16,
-                "anchors.steps": None,
-                "anchors.size_pattern": [0.2, 0.4, 0.7, 1.0],
-                **overrides,
-            },
+            **{**TINY_OVERRIDES, **overrides},
         )
     )
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from m2det.config import ModelConfig
-from m2det.deploy.formats import INPUT_NAME, check_metadata
+from m2det.deploy.formats import INPUT_NAME, ExportedGraph, check_metadata
 from m2det.errors import FileFormatError, M2DetError
 
 
@@ -54,7 +54,7 @@ def read_onnx_metadata(path: Union[str, Path]) -> dict[str, str]:
     return check_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
-class OnnxRuntimeNetwork:
+class OnnxRuntimeNetwork(ExportedGraph):
     """An exported model run by ONNX Runtime: a normalised batch `[N, 3, S, S]` -> `(loc, logits)`.
 
     The graph was exported for one input size S (`fixed_input_size`); it runs on the CPU unless
@@ -74,22 +74,6 @@ class OnnxRuntimeNetwork:
         self.config.backbone.weights = None  # the graph holds the trained weights
         self.fixed_input_size: Optional[int] = int(self.metadata["m2det.input_size"])
         self.output_names = [o.name for o in self.session.get_outputs()]
-
-    @property
-    def input_size(self) -> int:
-        """The size the graph was exported for, the only one it runs at."""
-        return int(self.fixed_input_size or self.config.input_size)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the batch is prepared: ONNX Runtime reads its input from host memory."""
-        return torch.device("cpu")
-
-    @property
-    def quantization(self) -> Optional[dict[str, Any]]:
-        """How `m2det export --int8` quantised the graph, or None for an FP32 graph."""
-        value = self.metadata.get("m2det.quantization")
-        return json.loads(value) if value else None
 
     def _feed(self, batch: Tensor) -> dict[str, np.ndarray]:
         expected = (3, self.input_size, self.input_size)

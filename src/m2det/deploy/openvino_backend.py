@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from m2det.config import ModelConfig
-from m2det.deploy.formats import INPUT_NAME, OUTPUT_NAMES, check_metadata
+from m2det.deploy.formats import INPUT_NAME, OUTPUT_NAMES, ExportedGraph, check_metadata
 from m2det.errors import FileFormatError, M2DetError
 from m2det.io.atomic import atomic_path
 
@@ -135,7 +135,7 @@ def compile_for_cpu(model: Any, threads: Optional[int] = None) -> Any:
     return ov.Core().compile_model(model, "CPU", config)
 
 
-class OpenVinoNetwork:
+class OpenVinoNetwork(ExportedGraph):
     """An OpenVINO IR run on the CPU: a normalised batch `[N, 3, S, S]` -> `(loc, logits)`.
 
     `source` is an `.xml` file from `m2det export` or an `openvino.Model` (from
@@ -165,22 +165,6 @@ class OpenVinoNetwork:
     @property
     def name(self) -> str:
         return str(self.path) if self.path is not None else "the converted model"
-
-    @property
-    def input_size(self) -> int:
-        """The size the graph was converted for, the only one it runs at."""
-        return int(self.fixed_input_size or self.config.input_size)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the batch is prepared: OpenVINO's CPU plugin reads its input from host memory."""
-        return torch.device("cpu")
-
-    @property
-    def quantization(self) -> Optional[dict[str, Any]]:
-        """How `m2det export --int8` quantised the IR (NNCF), or None for an FP32 IR."""
-        value = self.metadata.get("m2det.quantization")
-        return json.loads(value) if value else None
 
     def _feed(self, batch: Tensor) -> np.ndarray:
         expected = (3, self.input_size, self.input_size)

@@ -103,22 +103,14 @@ def _load(settings: BenchSettings, device: torch.device) -> tuple[Network, Calla
     path = Path(settings.model)
     if settings.backend not in BACKENDS:
         raise M2DetError(f"backend must be one of {BACKENDS}, got {settings.backend!r}")
-    if path.suffix == ".onnx":
-        if settings.backend != "onnxruntime":
-            raise M2DetError(f"{path}: an ONNX model runs with backend onnxruntime, not {settings.backend}")
-        from m2det.deploy.onnx_backend import OnnxRuntimeNetwork
+    if path.suffix in (".onnx", ".xml"):  # an exported file runs on its own runtime
+        from m2det.inference.network import check_backend_choice, load_network
 
-        onnx_network = OnnxRuntimeNetwork(path, threads=settings.threads)
-        quantization = onnx_network.metadata.get("m2det.quantization")
-        return onnx_network, onnx_network.forward_raw, {"onnx": str(path), "quantization": quantization}
-    if path.suffix == ".xml":
-        if settings.backend != "openvino":
-            raise M2DetError(f"{path}: an OpenVINO model runs with backend openvino, not {settings.backend}")
-        from m2det.deploy.openvino_backend import OpenVinoNetwork
-
-        ov_network = OpenVinoNetwork(path, threads=settings.threads)
-        quantization = ov_network.metadata.get("m2det.quantization")
-        return ov_network, ov_network.forward_raw, {"openvino": str(path), "quantization": quantization}
+        check_backend_choice(settings.backend, path)
+        exported: Any = load_network(path, threads=settings.threads, backend=settings.backend)
+        kind = "onnx" if path.suffix == ".onnx" else "openvino"
+        quantization = exported.metadata.get("m2det.quantization")
+        return exported, exported.forward_raw, {kind: str(path), "quantization": quantization}
     model = bench_model(settings.model, settings.num_classes).to(device).eval()
     if settings.backend == "openvino":
         from m2det.deploy.export import openvino_model
