@@ -13,6 +13,8 @@ What makes the comparison exact up to float rounding:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -55,6 +57,22 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    # In a fresh interpreter: after the earlier test files (OpenVINO, oneDNN prepacking, training
+    # subprocesses) the pytest process itself segfaulted in this test on CI, not alone; the cause is
+    # not found yet, and a clean parent is what a user's torchrun gives anyway.
+    import os
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, *sys.path])}
+    code = f"import test_ddp; test_ddp.check_two_processes_match_one({str(tmp_path)!r})"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tests, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def check_two_processes_match_one(out: str) -> None:
+    tmp_path = Path(out)
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
