@@ -60,3 +60,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigchld():
+    """Each test ends with the SIGCHLD handler it started with. A DataLoader with workers installs
+    torch's own handler in this process and never removes it; a later test whose child process
+    exits (mp.spawn, subprocess) then ran that handler on stale worker state and the whole pytest
+    process segfaulted (seen on CI in test_ddp after the CLI tests ran eval with workers)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    signal.signal(signal.SIGCHLD, before)

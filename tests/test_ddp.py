@@ -57,9 +57,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
-    # In a fresh interpreter: after the earlier test files (OpenVINO, oneDNN prepacking, training
-    # subprocesses) the pytest process itself segfaulted in this test on CI, not alone; the cause is
-    # not found yet, and a clean parent is what a user's torchrun gives anyway.
+    # In a fresh interpreter, as a user's torchrun starts it: no handler or thread pool that earlier
+    # tests left in the pytest process (torch's DataLoader SIGCHLD handler made it segfault here;
+    # conftest's _restore_sigchld now removes it after each test).
     import os
     import subprocess
     import sys
