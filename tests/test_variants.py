@@ -16,7 +16,7 @@ from m2det.errors import ConfigError, M2DetError
 from m2det.models import build_model, pyramid_sizes
 from m2det.models.complexity import count_params
 from m2det.models.variants import TABLE2_VARIANTS, VARIANT_DESCRIPTIONS, list_variants, variant_config
-from train_helpers import SIZE, TINY_OVERRIDES
+from train_helpers import SIZE, TINY_OVERRIDES, with_trained_batchnorm_statistics
 
 VARIANTS = ["ssd", "ssd_deconv", "stum", "tum_first_base", "tum", "tum_sfam", "resnet101"]
 CLASSES = ["Platelets", "RBC", "WBC"]  # BCCD's, for the evaluation on tests/data/bccd
@@ -332,12 +332,7 @@ def tiny_variant(variant: str, seed: int = 0) -> m2det.M2Det:
     """The tiny variant with BatchNorm statistics that are not the identity, as after training."""
     torch.manual_seed(seed)
     model = build_model(variant_config("m2det_tiny", variant, **TINY))
-    g = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.copy_(torch.rand(module.num_features, generator=g) - 0.5)
-            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
-    return model.eval()
+    return with_trained_batchnorm_statistics(model, seed)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -93,6 +93,12 @@ def trained_like(class_names: list[str], seed: int = 0) -> torch.nn.Module:
     what folding, export and the other runtimes must reproduce."""
     torch.manual_seed(seed)
     model = build_model("m2det_tiny", num_classes=len(class_names) + 1, class_names=list(class_names))
+    return with_trained_batchnorm_statistics(model, seed)
+
+
+def with_trained_batchnorm_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """`model` in eval mode with BatchNorm running statistics that are not the identity (drawn under
+    `seed`), as training leaves them: what folding and the other runtimes must reproduce."""
     g = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
