@@ -159,6 +159,7 @@ ROW_BUILDERS: list[tuple[str, Builder]] = [
     ("ours fast (default)", _ours_fast()),
     ("ours bf16 autocast", _ours_bf16_autocast),
     ("ours bf16", _ours_fast(precision="bf16")),
+    ("ours winograd", _ours_fast(precision="winograd")),
     ("onnxruntime fp32", _runtime("onnxruntime-fp32")),
     ("onnxruntime int8", _runtime("onnxruntime-int8")),
     ("openvino fp32", _runtime("openvino-fp32")),

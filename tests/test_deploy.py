@@ -11,6 +11,7 @@ import m2det
 from m2det.deploy import AffineInputConv2d, OptimizedNetwork, fold_batchnorms, optimize_for_inference
 from m2det.deploy.fuse import count_batchnorms
 from m2det.deploy.prepack import PackedConv2d, count_packed
+from m2det.deploy.winograd import FastestConv2d, WinogradConv2d, count_winograd, winograd_eligible
 from m2det.inference import DetectionPipeline, Network
 
 THIN_VGG = {"mlfpn": {"planes": 16, "num_levels": 2, "shallow_out": 16, "deep_out": 32}}
@@ -199,3 +200,92 @@ def test_prepacked_official_layout_model_equals_eager():
     assert count_packed(fast) == 2 * 6 + 15 + 8 * (5 + 1 + 5 + 5) + 3  # head, VGG, TUMs, FFMv1 + leach
     for actual, reference in zip(fast.forward_raw(x), expected):
         assert_close_relative(actual, reference)
+
+
+@torch.no_grad()
+def _conv_in_float64(conv: nn.Conv2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
+    """The exact answer a float32 conv approximates: the same conv computed in float64."""
+    bias = None if conv.bias is None else conv.bias.double()
+    y = F.conv2d(x.double(), conv.weight.double(), bias, padding=conv.padding)
+    return y.relu() if relu else y
+
+
+@pytest.mark.parametrize(
+    ("tile", "padding", "size", "relu", "bias", "batch"),
+    [(2, 1, (20, 20), False, True, 1), (4, 1, (20, 20), True, True, 1), (4, 1, (19, 23), False, False, 3),
+     (2, 0, (13, 10), True, True, 2), (4, 2, (7, 5), False, True, 1), (4, 1, (1, 1), False, True, 1)],
+)  # fmt: skip
+def test_winograd_conv_is_as_accurate_as_float32(tile, padding, size, relu, bias, batch):
+    g = torch.Generator().manual_seed(tile + padding)
+    conv = nn.Conv2d(32, 48, 3, padding=padding, bias=bias).eval()
+    x = torch.randn(batch, 32, *size, generator=g)
+    winograd = WinogradConv2d(conv, tile=tile, relu=relu)
+    with torch.inference_mode():
+        actual, direct = winograd(x), conv(x)
+    expected = _conv_in_float64(conv, x, relu)
+    assert actual.shape == expected.shape and actual.dtype == torch.float32 and actual.is_contiguous()
+    scale = expected.abs().max()
+    # F(2x2) rounds like the direct conv; F(4x4)'s larger transform entries cost about 10x that
+    direct_error = float(((direct.relu() if relu else direct) - expected).abs().max() / scale)
+    assert float((actual - expected).abs().max() / scale) <= (4 if tile == 2 else 40) * max(
+        direct_error, 2e-7
+    )
+
+
+def test_winograd_refuses_what_it_cannot_compute():
+    for conv in (
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.Conv2d(8, 8, 3, dilation=2),
+        nn.Conv2d(8, 8, 1),
+        nn.Conv2d(8, 8, 3, groups=2),
+    ):
+        assert not winograd_eligible(conv)
+        with pytest.raises(ValueError, match="3x3 stride-1"):
+            WinogradConv2d(conv)
+    with pytest.raises(ValueError, match="tile"):
+        WinogradConv2d(nn.Conv2d(8, 8, 3), tile=3)
+
+
+def test_fastest_conv_times_each_new_shape_and_every_choice_computes_the_conv():
+    conv = nn.Conv2d(16, 24, 3, padding=1).eval()
+    fastest = FastestConv2d(conv, relu=True, input_shape=[1, 16, 12, 12])
+    g = torch.Generator().manual_seed(1)
+    x, other = torch.randn(1, 16, 12, 12, generator=g), torch.randn(2, 16, 9, 14, generator=g)
+    with torch.inference_mode():
+        first = fastest(x)
+        assert set(fastest.choices) == {tuple(x.shape)}  # timed on first sight
+        assert fastest.choices[tuple(x.shape)] in {"direct", "winograd2", "winograd4"}
+        fastest(other)
+        assert set(fastest.choices) == {tuple(x.shape), tuple(other.shape)}
+        for name in ("direct", "winograd2", "winograd4"):  # whatever it picks, the same conv
+            fastest.choices[tuple(other.shape)] = name
+            assert_close_relative(fastest(other), _conv_in_float64(conv, other, relu=True).float(), rtol=1e-5)
+    assert_close_relative(first, _conv_in_float64(conv, x, relu=True).float(), rtol=1e-5)
+
+
+def test_winograd_precision_runs_the_model_as_fp32_does():
+    model = with_trained_statistics(m2det.build_model("m2det_tiny", num_classes=4)).eval()
+    x = batch_of_images(model, 2)
+    with torch.no_grad():
+        expected = model.forward_raw(x)
+    fast = optimize_for_inference(model, precision="winograd")
+    assert fast.options.precision == "winograd" and not fast.options.channels_last
+    assert not fast.options.weights_converted
+    tuned, eligible = count_winograd(fast)
+    assert eligible > 0 and 0 <= tuned <= eligible
+    # the scale-0 heads absorb the MLFPN's BatchNorm around a Winograd-capable conv
+    assert isinstance(fast.model.head.conf[0], AffineInputConv2d)
+    assert isinstance(fast.model.head.conf[0].conv, FastestConv2d)
+    for module in fast.modules():  # every path each conv could take gives the model's outputs
+        if isinstance(module, FastestConv2d):
+            for shape in module.choices:
+                module.choices[shape] = "winograd4"
+    for actual, reference in zip(fast.forward_raw(x), expected):
+        assert_close_relative(actual, reference)
+    for conflicting in ({"channels_last": True}, {"prepack": False}, {"compile": True}):
+        with pytest.raises(ValueError, match="winograd"):
+            optimize_for_inference(model, precision="winograd", **conflicting)
+    with pytest.raises(ValueError, match="on meta"):
+        optimize_for_inference(
+            m2det.build_model("m2det_tiny", num_classes=4).to("meta"), precision="winograd"
+        )

@@ -45,7 +45,7 @@ def bench(
         None,
         "--backends",
         help="Compare runtimes in one run: all, or a comma-separated list of pytorch, onnxruntime, openvino "
-        "(each in every precision it has: FP32, bf16, INT8).",
+        "(each in every precision it has: FP32, Winograd, bf16, INT8).",
     ),
     baseline: Optional[str] = typer.Option(
         None, "--baseline", help="--backends: the row speeds are relative to (default: pytorch-eager)."
@@ -84,7 +84,9 @@ def bench(
         None, "--compile/--no-compile", help="torch.compile (override)."
     ),
     precision: str = typer.Option(
-        "fp32", "--precision", help="PyTorch: fp32, fp16 or bf16 (bf16/fp16 on a CPU only where it has them)."
+        "fp32",
+        "--precision",
+        help="PyTorch: fp32, winograd (CPU), fp16 or bf16 (bf16/fp16 on a CPU only where it has them).",
     ),
     settings: str = typer.Option("paper", "--settings", help="Post-processing: paper or official."),
     load: str = typer.Option(

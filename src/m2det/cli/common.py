@@ -167,8 +167,9 @@ def next_run_dir(root: Union[Path, str], prefix: str = "exp") -> Path:
 
 
 PRECISION_HELP = (
-    "fp32 | bf16 | fp16: run a PyTorch model on the fast path (optimize_for_inference) in this "
-    "precision; bf16/fp16 only on a CPU that computes them natively (default: the eager model, fp32)."
+    "fp32 | winograd | bf16 | fp16: run a PyTorch model on the fast path (optimize_for_inference) in "
+    "this precision; winograd (CPU) is fp32 with 3x3 convs by Winograd where faster, outputs within "
+    "~1e-5; bf16/fp16 only on a CPU that computes them natively (default: the eager model, fp32)."
 )
 
 

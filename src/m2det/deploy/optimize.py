@@ -24,7 +24,10 @@ from m2det.device import cpu_supports_bf16, cpu_supports_fp16
 from m2det.errors import M2DetError
 from m2det.models.m2det import M2Det
 
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# name -> the dtype the network computes in (None: float32). "winograd" is float32 with each 3x3
+# stride-1 conv run by Winograd's algorithm where that measures faster (CPU, m2det.deploy.winograd):
+# outputs within about 1e-5 of their magnitude of fp32's, where bf16's are within about 1e-2.
+PRECISIONS = {"fp32": None, "winograd": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -35,8 +38,8 @@ class InferenceOptions:
     channels_last: bool = True
     prepack: bool = True  # oneDNN-blocked conv weights + fused ReLU (CPU only; off with compile)
     compile: bool = False
-    # fp32 | fp16 | bf16; outputs are returned as float32. On the CPU the weights are converted once
-    # (`weights_converted`), elsewhere the network runs under autocast.
+    # fp32 | winograd | fp16 | bf16 (see PRECISIONS); outputs are returned as float32. On the CPU
+    # the weights are converted once (`weights_converted`), elsewhere the network runs under autocast.
     precision: str = "fp32"
     weights_converted: bool = False
     cuda_graphs: bool = False  # via torch.compile(mode="reduce-overhead"), CUDA only
@@ -118,7 +121,17 @@ def check_precision(precision: str, device: torch.device) -> None:
     oneDNN would emulate it with float32 arithmetic plus conversions, slower than float32 itself."""
     if precision not in PRECISIONS:
         raise M2DetError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if device.type != "cpu" or precision == "fp32":
+    if precision == "winograd" and not prepack_available(device):
+        raise M2DetError(
+            "precision winograd is for the CPU fast path (oneDNN-prepacked convs beside Winograd ones); "
+            + (
+                "this torch was built without oneDNN"
+                if device.type == "cpu"
+                else f"the model is on {device}, where cuDNN picks Winograd itself"
+            )
+            + "; use fp32"
+        )
+    if device.type != "cpu" or precision in ("fp32", "winograd"):
         return
     if precision == "bf16" and not cpu_supports_bf16():
         raise M2DetError(
@@ -162,18 +175,24 @@ def optimize_for_inference(
         raise M2DetError(f"cuda_graphs needs a model on a CUDA device, this one is on {device}")
     defaults = DEFAULT_OPTIONS
     compiled = (defaults.compile if compile is None else compile) or cuda_graphs
+    winograd = precision == "winograd"
+    if winograd and (compiled or prepack is False or channels_last):
+        raise M2DetError(
+            "precision winograd swaps the prepacked convs and runs in the contiguous memory format: "
+            "it cannot go with compile, cuda_graphs, prepack=False or channels_last=True"
+        )
+    reduced = PRECISIONS[precision]
     options = InferenceOptions(
         fold_batchnorm=defaults.fold_batchnorm if fold_batchnorm is None else fold_batchnorm,
-        channels_last=defaults.channels_last if channels_last is None else channels_last,
+        channels_last=not winograd and (defaults.channels_last if channels_last is None else channels_last),
         prepack=(defaults.prepack if prepack is None else prepack)
         and not compiled
         and prepack_available(device),
         compile=compiled,
         precision=precision,
-        weights_converted=precision != "fp32" and device.type == "cpu",
+        weights_converted=reduced is not None and device.type == "cpu",
         cuda_graphs=cuda_graphs,
     )
-    reduced = PRECISIONS[precision]
     optimized = copy.deepcopy(model).eval()
     if options.fold_batchnorm:
         fold_batchnorms(optimized)
@@ -190,5 +209,5 @@ def optimize_for_inference(
         example = torch.zeros(1, 3, size, size, device=device, dtype=reduced or torch.float32)
         if options.channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
-        prepack_convolutions(optimized, example, optimized.forward_raw)
+        prepack_convolutions(optimized, example, optimized.forward_raw, winograd=winograd)
     return OptimizedNetwork(optimized, options).eval()

@@ -55,6 +55,7 @@ class RuntimeSpec:
 RUNTIMES = (
     RuntimeSpec("pytorch-eager", "PyTorch eager (no_grad)", "pytorch", "fp32"),
     RuntimeSpec("pytorch-fast", "PyTorch fast path", "pytorch", "fp32"),
+    RuntimeSpec("pytorch-winograd", "PyTorch fast path", "pytorch", "winograd"),
     RuntimeSpec("pytorch-bf16", "PyTorch fast path", "pytorch", "bf16"),
     RuntimeSpec("onnxruntime-fp32", "ONNX Runtime", "onnxruntime", "fp32"),
     RuntimeSpec("onnxruntime-int8", "ONNX Runtime", "onnxruntime", "int8"),

@@ -46,9 +46,10 @@ class Detector:
         batch_size: images per forward pass.
         sizes: input sizes for multi-scale testing (e.g. [320, 512, 704]); None: the model's own.
         flip: also run on the mirrored images and merge (flip testing).
-        precision: "fp32", "bf16" or "fp16" runs a PyTorch model on the fast path
-            (`m2det.deploy.optimize_for_inference`) in that precision (bf16/fp16 on a CPU only where
-            it computes them natively; outputs then differ by the reduced precision); None: the
+        precision: "fp32", "winograd", "bf16" or "fp16" runs a PyTorch model on the fast path
+            (`m2det.deploy.optimize_for_inference`) in that precision ("winograd": fp32 with 3x3
+            convs by Winograd where faster, CPU only; bf16/fp16 on a CPU only where it computes
+            them natively; outputs then differ by the reduced precision); None: the
             eager model. An `.onnx` model runs in its own precision (fp32 or None only).
         backend: "pytorch", "onnxruntime" or "openvino"; None: the file's own (`.onnx`: ONNX
             Runtime, `.xml`: OpenVINO, else PyTorch). "openvino" with a PyTorch model file

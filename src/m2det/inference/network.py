@@ -116,7 +116,7 @@ def load_network(
     the CPU, with `threads`), anything else as `load_model_for_inference` reads it, on `device`, in
     eval mode, or with `backend="openvino"` converted to OpenVINO in memory (FP32).
 
-    `precision` (fp32, bf16, fp16) runs a PyTorch model on the fast path
+    `precision` (fp32, winograd, bf16, fp16) runs a PyTorch model on the fast path
     (`m2det.deploy.optimize_for_inference`) in that precision; None keeps the eager `M2Det`.
     """
     chosen = check_backend_choice(backend, weights)
