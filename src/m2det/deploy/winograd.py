@@ -106,17 +106,19 @@ class WinogradConv2d(nn.Module):
         # pad to whole tiles; tiles overlap by 2 (the kernel's reach)
         x = F.pad(x, (pad_x, tiles_x * m + 2 - width - pad_x, pad_y, tiles_y * m + 2 - height - pad_y))
         tiles = x.unfold(2, size, m).unfold(3, size, m)  # [N, C, ty, tx, size, size], a view
-        # one [C, N * tiles] matrix per tile position, so that the images share one matrix product
-        tiles = tiles.permute(4, 5, 1, 0, 2, 3).reshape(size * size, -1)
-        transformed = (self.input_transform @ tiles).view(size * size, channels, -1)
+        # gathered tile by tile (rows of `size` contiguous values), channels outermost, so that the
+        # transform's result is one [C, N * tiles] matrix per tile position: one product for all images
+        tiles = tiles.transpose(0, 1).reshape(-1, size * size)
+        transformed = (self.input_transform @ tiles.T).view(size * size, channels, -1)
         products = torch.bmm(self.kernel, transformed)  # [size^2, out, N * tiles]
         out_channels = products.shape[1]
-        outputs = (self.output_transform @ products.view(size * size, -1)).view(
-            m, m, out_channels, n, tiles_y, tiles_x
+        # transposed, so that each output tile comes out as m x m contiguous values
+        outputs = (products.view(size * size, -1).T @ self.output_transform.T).view(
+            out_channels, n, tiles_y, tiles_x, m, m
         )
         # tile rows and columns back in place, with the bias added in the same pass
         y = torch.empty((n, out_channels, tiles_y, m, tiles_x, m), dtype=x.dtype, device=x.device)
-        arranged = outputs.permute(3, 2, 4, 0, 5, 1)
+        arranged = outputs.permute(1, 0, 2, 4, 3, 5)
         if self.bias is None:
             y.copy_(arranged)
         else:

@@ -2,9 +2,9 @@
 
 `m2det bench --backends all` takes one model (a preset with random weights, or our `.safetensors`
 file), builds each installed runtime from the same weights (PyTorch eager, the fast path and its
-bf16 variant, ONNX Runtime and OpenVINO in FP32 and INT8) and measures the network's time per
-batch. The runtimes take turns in mirrored rounds (A B C, C B A, ...), with a pause before each
-call so that the previous runtime's thread pool stops spinning first, so that drift in the
+Winograd and bf16 variants, ONNX Runtime and OpenVINO in FP32 and INT8) and measures the network's
+time per batch. The runtimes take turns in mirrored rounds (A B C, C B A, ...), with a pause before
+each call so that the previous runtime's thread pool stops spinning first, so that drift in the
 machine's load falls on all alike. Each row gets its median and spread, its speed relative to a
 baseline row (eager PyTorch by default), how far its raw outputs are from eager PyTorch's, and,
 given a data set, its mAP@0.5 and COCO AP by `m2det.engine.evaluate.evaluate` with the change
@@ -33,6 +33,7 @@ from torch import Tensor
 
 from m2det.classes import class_mismatch
 from m2det.deploy.calibration import CalibrationImages
+from m2det.deploy.prepack import prepack_available
 from m2det.device import cpu_supports_bf16
 from m2det.engine.bench import SETTLE_S, bench_model, environment
 from m2det.errors import ConfigError, M2DetError
@@ -123,6 +124,8 @@ def unavailable(spec: RuntimeSpec, int8: bool) -> Optional[str]:
         return "skipped: INT8 switched off (--no-int8)"
     if spec.precision == "bf16" and not cpu_supports_bf16():
         return "skipped: CPU lacks AVX512-BF16 / AMX-BF16"
+    if spec.precision == "winograd" and not prepack_available(torch.device("cpu")):
+        return "skipped: this torch has no oneDNN (the fast path's direct convs)"
     packages, extra = REQUIREMENTS.get(spec.backend, ((), ""))
     if spec.precision == "int8":
         packages = packages + INT8_REQUIREMENTS.get(spec.backend, ())
