@@ -244,7 +244,7 @@ def test_bench_backends_cli_writes_json_csv_and_markdown(tiny_weights, tmp_path,
         rows["onnxruntime-fp32"]["timings"]["1"]["median_ms"], abs=0.06
     )
     markdown = out.with_suffix(".md").read_text()
-    assert "| runtime | precision | status |" in markdown and markdown.count("\n| ") == 6
+    assert "| runtime | precision | status |" in markdown and markdown.count("\n| ") == 7
     assert "speed vs baseline" in result.output and "ONNX Runtime" in result.output
 
 

@@ -232,6 +232,22 @@ def test_winograd_conv_is_as_accurate_as_float32(tile, padding, size, relu, bias
     )
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_in_bands_of_tile_rows_equals_one_pass(tile):
+    g = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(32, 48, 3, padding=1).eval()
+    x = torch.randn(3, 32, 19, 23, generator=g)
+    one_pass, banded = WinogradConv2d(conv, tile=tile), WinogradConv2d(conv, tile=tile)
+    one_pass.BAND_BYTES = 1 << 40
+    banded.BAND_BYTES = 0  # bands as small as the kernel allows: here 2 tile rows (tile 4) or 1
+    kernel_bytes = banded.kernel.numel() * 4
+    tiles_x, tiles_y = -(-23 // tile), -(-19 // tile)
+    assert kernel_bytes // (3 * 32 * tiles_x * (tile + 2) ** 2 * 4) < tiles_y  # more than one band
+    with torch.inference_mode():
+        torch.testing.assert_close(banded(x), one_pass(x), rtol=1e-6, atol=1e-6)
+        assert_close_relative(banded(x), _conv_in_float64(conv, x, False).float(), rtol=5e-5)
+
+
 def test_winograd_refuses_what_it_cannot_compute():
     for conv in (
         nn.Conv2d(8, 8, 3, stride=2),
