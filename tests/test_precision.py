@@ -103,7 +103,7 @@ def test_precision_with_an_onnx_model_is_refused(tmp_path):
     assert result.exit_code != 0
     assert "--precision bf16" in result.output and "ONNX Runtime" in result.output
     result = CliRunner().invoke(app, ["detect", str(tmp_path), "--precision", "int8"])
-    assert result.exit_code != 0 and "--precision must be one of fp32, fp16, bf16" in result.output
+    assert result.exit_code != 0 and "--precision must be one of fp32, winograd, fp16, bf16" in result.output
 
 
 @pytest.fixture(scope="module")

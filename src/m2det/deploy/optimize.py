@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from m2det.config import ModelConfig
 from m2det.deploy.fuse import fold_batchnorms
 from m2det.deploy.prepack import prepack_available, prepack_convolutions
+from m2det.deploy.winograd import pack_fastest
 from m2det.device import cpu_supports_bf16, cpu_supports_fp16
 from m2det.errors import M2DetError
 from m2det.models.m2det import M2Det
@@ -209,5 +210,9 @@ def optimize_for_inference(
         example = torch.zeros(1, 3, size, size, device=device, dtype=reduced or torch.float32)
         if options.channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
-        prepack_convolutions(optimized, example, optimized.forward_raw, winograd=winograd)
+        packer = pack_fastest if winograd else None
+        prepack_convolutions(optimized, example, optimized.forward_raw, packer)
+        if winograd:  # each FastestConv2d times its candidates for this, the commonest, shape now
+            with torch.inference_mode():
+                optimized.forward_raw(example)
     return OptimizedNetwork(optimized, options).eval()

@@ -10,7 +10,7 @@ here are the ones torch.compile's inductor emits for the same purpose
 
 from __future__ import annotations
 
-from typing import Any, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -88,26 +88,27 @@ def _input_shapes(model: nn.Module, example: Tensor, run: Any) -> dict[nn.Conv2d
 
 @torch.no_grad()
 def prepack_convolutions(
-    model: nn.Module, example: Optional[Tensor] = None, run: Any = None, winograd: bool = False
+    model: nn.Module,
+    example: Optional[Tensor] = None,
+    run: Any = None,
+    packer: Optional[Callable[[nn.Conv2d, bool, Optional[list[int]]], nn.Module]] = None,
 ) -> int:
     """Replace every plain `nn.Conv2d` of `model` (in eval mode, on the CPU) by a `PackedConv2d`, in
     place, fusing a ReLU that directly follows it in an `nn.Sequential` (Identity between them, as
     folded BatchNorms leave, is skipped); returns how many convs were packed.
 
     With `example` (and `run`, default `model`), the weights are packed for the shapes the convs
-    see on it. Modules shared under several names are rewritten once and stay shared. With
-    `winograd`, each conv that Winograd can run becomes an `m2det.deploy.winograd.FastestConv2d`
-    (which times direct against Winograd on each new input shape: here on `example`, if given).
+    see on it. Modules shared under several names are rewritten once and stay shared. `packer`
+    (conv, relu, input shape) -> module builds the replacement instead of `PackedConv2d`, e.g.
+    `m2det.deploy.winograd.pack_fastest`.
     """
-    from m2det.deploy.winograd import FastestConv2d, winograd_eligible
-
     shapes = _input_shapes(model, example, run or model) if example is not None else {}
     packed: dict[nn.Conv2d, nn.Module] = {}
+    build = packer or PackedConv2d
 
     def pack(conv: nn.Conv2d, relu: bool) -> nn.Module:
         if conv not in packed:
-            kind = FastestConv2d if winograd and winograd_eligible(conv) else PackedConv2d
-            packed[conv] = kind(conv, relu, shapes.get(conv))
+            packed[conv] = build(conv, relu, shapes.get(conv))
         return packed[conv]
 
     for module in list(model.modules()):  # unique modules: a shared one is rewritten once
@@ -124,9 +125,6 @@ def prepack_convolutions(
             setattr(module, name, pack(child, relu=relu_name is not None))
             if relu_name is not None:
                 setattr(module, relu_name, nn.Identity())
-    if winograd and example is not None:  # each FastestConv2d times its candidates on this shape
-        with torch.inference_mode():
-            (run or model)(example)
     return len(packed)
 
 

@@ -208,6 +208,12 @@ def fastest(candidates: dict[str, Callable[[Tensor], Tensor]], x: Tensor, runs: 
     return min(best, key=best.__getitem__)
 
 
+def pack_fastest(conv: nn.Conv2d, relu: bool, input_shape: Optional[list[int]]) -> nn.Module:
+    """A `prepack_convolutions` packer: a `FastestConv2d` where Winograd can run, else a `PackedConv2d`."""
+    kind = FastestConv2d if winograd_eligible(conv) else PackedConv2d
+    return kind(conv, relu, input_shape)
+
+
 def count_winograd(model: nn.Module) -> tuple[int, int]:
     """(convs that chose Winograd for some input shape, convs that could) in a prepared model."""
     tuned = [m for m in model.modules() if isinstance(m, FastestConv2d)]
