@@ -71,8 +71,14 @@ class WinogradConv2d(nn.Module):
     """A 3x3 stride-1 conv (optionally with its ReLU) computed by Winograd's F(m x m, 3x3), m = `tile`.
 
     The kernel is transformed once (float64, then float32) into `kernel`: [(m+2)^2, out, in].
-    Takes and returns contiguous NCHW float32.
+    Takes NCHW float32, returns it contiguous.
     """
+
+    # The tiles go through in bands of tile rows of about BAND_BYTES of transformed input, so that
+    # a band's intermediates stay in the caches, but never less than the transformed kernel, which
+    # each band reads again. Measured in the network, against one pass: m2det512_vgg16 at batch 4
+    # 1.10x, m2det320_vgg16 at batch 4 1.07x, at batch 1 level (docs/deploy.md).
+    BAND_BYTES: int = 8 << 20
 
     def __init__(self, conv: nn.Conv2d, tile: int = 4, relu: bool = False):
         super().__init__()
@@ -96,12 +102,6 @@ class WinogradConv2d(nn.Module):
             weight.device, torch.float32
         )
         self.bias: Optional[Tensor] = None if conv.bias is None else conv.bias.detach().clone()
-
-    # The tiles go through in bands of tile rows of about BAND_BYTES of transformed input, so that
-    # a band's intermediates stay in the caches, but never less than the transformed kernel, which
-    # each band reads again. Measured in the network, against one pass: m2det512_vgg16 at batch 4
-    # 1.10x, m2det320_vgg16 at batch 4 1.07x, at batch 1 level (docs/deploy.md).
-    BAND_BYTES: int = 8 << 20
 
     def forward(self, x: Tensor) -> Tensor:
         n, channels, height, width = x.shape
@@ -155,7 +155,7 @@ class FastestConv2d(nn.Module):
     """A 3x3 stride-1 conv (optionally with its ReLU) that runs, for each input shape, the fastest
     of the prepacked direct conv (`PackedConv2d`) and Winograd with each tile size, timed on this
     machine the first time the shape is seen. `choices` maps each shape seen to the name chosen:
-    "direct", "winograd2" or "winograd4". Takes contiguous NCHW float32 (no channels-last).
+    "direct", "winograd2" or "winograd4".
     """
 
     TIMING_RUNS = 2  # after one warm-up run of each candidate: the faster of two calls decides
@@ -170,20 +170,18 @@ class FastestConv2d(nn.Module):
             self.direct.stride,
             self.direct.dilation,
         )
+        self.candidates: dict[str, Callable[[Tensor], Tensor]] = {"direct": self.direct}
+        self.candidates.update(
+            (f"winograd{w.tile}", w) for w in cast("list[WinogradConv2d]", list(self.winograd))
+        )
         self.choices: dict[tuple[int, ...], str] = {}
-
-    def candidates(self) -> dict[str, Callable[[Tensor], Tensor]]:
-        named: dict[str, Callable[[Tensor], Tensor]] = {"direct": self.direct}
-        named.update((f"winograd{w.tile}", w) for w in cast("list[WinogradConv2d]", list(self.winograd)))
-        return named
 
     def forward(self, x: Tensor) -> Tensor:
         shape = tuple(x.shape)
-        candidates = self.candidates()
         choice = self.choices.get(shape)
         if choice is None:
-            choice = self.choices[shape] = fastest(candidates, x.contiguous(), self.TIMING_RUNS)
-        return candidates[choice](x if choice == "direct" else x.contiguous())
+            choice = self.choices[shape] = fastest(self.candidates, x, self.TIMING_RUNS)
+        return self.candidates[choice](x)
 
     def extra_repr(self) -> str:
         return f"choices={self.choices}"
@@ -196,10 +194,9 @@ def fastest(candidates: dict[str, Callable[[Tensor], Tensor]], x: Tensor, runs: 
     for name, run in candidates.items():
         start = time.perf_counter()
         run(x)
-        times = [time.perf_counter() - start]  # a warm-up: kept only to drop a clear loser early
-        if best and times[0] > 2 * min(best.values()):
+        if best and time.perf_counter() - start > 2 * min(best.values()):  # a clear loser
             continue
-        times.clear()
+        times = []
         for _ in range(runs):
             start = time.perf_counter()
             run(x)
